@@ -1,0 +1,272 @@
+"""Build a Megatron-Core MoE GPTModel from a Hugging Face config (Qwen3-MoE, Mixtral, DeepSeek-V3-style MoE).
+
+``transformer_config(hf_config)`` maps the HF fields onto one ``TransformerConfig``; ``build_model`` builds the
+GPTModel of the current pipeline stage under the current ``parallel_state``. The local spec (CPU) uses
+:mod:`vespo_megatron.megatron.layers`; ``use_te=True`` selects Transformer Engine's spec (GPU, needed for context
+parallelism and fused kernels). ``tiny_hf_config`` makes the small configs used by the tests and the demo.
+
+Routers: Qwen3-MoE/Mixtral softmax top-k renormalised over the k chosen (``moe_router_pre_softmax=False``; with
+``norm_topk_prob=False`` softmax over all experts then top-k, ``pre_softmax=True``); DeepSeek-V3 style sigmoid scores
++ expert bias for the choice, unbiased sigmoid weights normalised and scaled, group-limited top-k, shared experts,
+first-k dense layers. DeepSeek-V3 attention (MLA) is replaced by standard grouped-query attention here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from transformers import AutoConfig, PretrainedConfig
+
+from vespo_megatron.megatron.layers import PackedDotProductAttention, TorchNorm
+
+FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+_TINY: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=512,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2, router_aux_loss_coef=0.0,
+    ),
+    "mixtral": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2, router_aux_loss_coef=0.0,
+    ),
+    "deepseek_v3": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2,
+    ),
+}
+
+
+def tiny_hf_config(family: str = "qwen3_moe", **overrides: Any) -> PretrainedConfig:
+    """A small random-init config of ``family`` (hidden 64, 4 layers, 8 experts top-2, vocab 256)."""
+    if family not in _TINY:
+        raise ValueError(f"family {family!r} is not supported; choose one of {FAMILIES}")
+    return AutoConfig.for_model(family, **{**_TINY[family], **overrides})
+
+
+def _get(hf: PretrainedConfig, *names: str, default: Any = None) -> Any:
+    for name in names:
+        value = getattr(hf, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def rope_theta(hf: PretrainedConfig) -> float:
+    params = getattr(hf, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", _get(hf, "rope_theta", default=10000.0)))
+
+
+def moe_layer_pattern(hf: PretrainedConfig) -> list[int]:
+    """[num_layers] 1 where the HF layer is an MoE layer, 0 where it is dense."""
+    n = hf.num_hidden_layers
+    family = hf.model_type
+    if family == "qwen3_moe":
+        step, dense = hf.decoder_sparse_step, set(hf.mlp_only_layers or [])
+        return [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
+    if family == "mixtral":
+        return [1] * n
+    if family == "deepseek_v3":
+        return [int(i >= hf.first_k_dense_replace) for i in range(n)]
+    raise ValueError(f"model_type {family!r} is not supported; choose one of {FAMILIES}")
+
+
+def num_experts(hf: PretrainedConfig) -> int:
+    return int(_get(hf, "num_experts", "num_local_experts", "n_routed_experts"))
+
+
+def head_dim(hf: PretrainedConfig) -> int:
+    if hf.model_type == "deepseek_v3":
+        return hf.hidden_size // hf.num_attention_heads
+    return int(_get(hf, "head_dim", default=hf.hidden_size // hf.num_attention_heads))
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron pads the vocabulary to a multiple of divisible_by·tp (``--make-vocab-size-divisible-by``)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(
+    hf: PretrainedConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    routing_replay: bool = False,
+    recompute: bool = False,
+    dispatcher: str = "alltoall",
+    **overrides: Any,
+) -> TransformerConfig:
+    """One TransformerConfig for ``hf`` under the current parallel_state (TP, PP, EP, CP sizes read from it)."""
+    family = hf.model_type
+    pattern = moe_layer_pattern(hf)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    moe: dict[str, Any] = dict(
+        num_moe_experts=num_experts(hf),
+        moe_router_topk=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=_get(hf, "moe_intermediate_size", "intermediate_size"),
+        moe_layer_freq=pattern,
+        moe_aux_loss_coeff=0.0,
+        moe_router_load_balancing_type="none",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=False,
+        moe_enable_routing_replay=routing_replay,
+        moe_router_dtype="fp64" if dtype == torch.float64 else "fp32",
+    )
+    if family == "deepseek_v3":
+        moe.update(
+            moe_router_score_function="sigmoid",
+            moe_router_enable_expert_bias=True,
+            moe_router_bias_update_rate=0.0,
+            moe_router_topk_scaling_factor=hf.routed_scaling_factor,
+            moe_router_num_groups=hf.n_group,
+            moe_router_group_topk=hf.topk_group,
+            moe_shared_expert_intermediate_size=hf.moe_intermediate_size * hf.n_shared_experts,
+            moe_router_pre_softmax=False,
+        )
+    else:
+        moe.update(moe_router_score_function="softmax", moe_router_pre_softmax=not _get(hf, "norm_topk_prob", default=True))
+    kwargs: dict[str, Any] = dict(
+        num_layers=hf.num_hidden_layers,
+        hidden_size=hf.hidden_size,
+        ffn_hidden_size=hf.intermediate_size,
+        num_attention_heads=hf.num_attention_heads,
+        num_query_groups=hf.num_key_value_heads,
+        kv_channels=head_dim(hf),
+        normalization="RMSNorm",
+        layernorm_epsilon=hf.rms_norm_eps,
+        qk_layernorm=family == "qwen3_moe",
+        add_bias_linear=False,
+        add_qkv_bias=bool(_get(hf, "attention_bias", default=False)),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=hf.initializer_range,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=parallel_state.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=parallel_state.get_expert_tensor_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=tp > 1,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=True,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        variable_seq_lengths=True,
+        **moe,
+    )
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def _local_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts if moe else None,
+        moe_grouped_gemm=False,
+        qk_layernorm=config.qk_layernorm,
+        normalization="RMSNorm",
+    )
+    sub = spec.submodules
+    attn = sub.self_attention.submodules
+    attn_sub = dataclasses.replace(
+        attn,
+        core_attention=PackedDotProductAttention,
+        q_layernorm=TorchNorm if config.qk_layernorm else attn.q_layernorm,
+        k_layernorm=TorchNorm if config.qk_layernorm else attn.k_layernorm,
+    )
+    return dataclasses.replace(
+        spec,
+        submodules=dataclasses.replace(
+            sub,
+            input_layernorm=TorchNorm,
+            pre_mlp_layernorm=TorchNorm,
+            self_attention=dataclasses.replace(sub.self_attention, submodules=attn_sub),
+        ),
+    )
+
+
+def _te_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
+    try:
+        import transformer_engine  # noqa: F401
+    except (ImportError, RuntimeError) as err:
+        raise RuntimeError(
+            "use_te=True needs NVIDIA Transformer Engine (pip install 'vespo-megatron[gpu]' on a CUDA machine)"
+        ) from err
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm
+    )
+
+
+def decoder_block_spec(config: TransformerConfig, use_te: bool = False) -> ModuleSpec:
+    """Per-layer specs (dense or MoE by ``moe_layer_freq``) of this pipeline stage's layers."""
+    make = _te_layer_spec if use_te else _local_layer_spec
+    specs = {moe: make(config, bool(moe)) for moe in set(config.moe_layer_freq)}
+    offset = get_transformer_layer_offset(config)
+    count = get_num_layers_to_build(config)
+    layers = [specs[flag] for flag in config.moe_layer_freq[offset : offset + count]]
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as norm
+    else:
+        norm = TorchNorm
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm))
+
+
+def build_model(
+    hf: PretrainedConfig,
+    *,
+    dtype: torch.dtype = torch.float32,
+    routing_replay: bool = False,
+    use_te: bool = False,
+    recompute: bool = False,
+    dispatcher: str = "alltoall",
+    **config_overrides: Any,
+) -> GPTModel:
+    """The GPTModel of this pipeline stage for ``hf`` (vocab padded to 128·TP, RoPE, tied embeddings as HF)."""
+    config = transformer_config(
+        hf, dtype=dtype, routing_replay=routing_replay, recompute=recompute, dispatcher=dispatcher, **config_overrides
+    )
+    if config.context_parallel_size > 1 and not use_te:
+        raise ValueError("context parallelism needs Transformer Engine attention (use_te=True on a GPU machine)")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=decoder_block_spec(config, use_te),
+        vocab_size=padded_vocab_size(hf.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=hf.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(hf.tie_word_embeddings),
+        position_embedding_type="rope",
+        rotary_base=rope_theta(hf),
+    )
+    model.hf_config = hf
+    return model.to(dtype)

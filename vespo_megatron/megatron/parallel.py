@@ -1,0 +1,105 @@
+"""Process groups for Megatron-Core (gloo on CPU, NCCL on GPU) and a launcher that runs a function on N local ranks.
+
+``spawn(fn, world_size, *args)`` starts ``world_size`` processes, each running ``fn(rank, *args)`` with
+torch.distributed initialised (loopback rendezvous), and returns the per-rank results in rank order. ``fn`` must be
+importable (a module-level function). A failure on any rank raises in the caller with that rank's traceback.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from vespo_megatron.megatron import compat
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, etp: int | None = None, seed: int = 1234) -> None:
+    """Initialise torch.distributed (from the env:// variables) and Megatron's model-parallel groups and RNG."""
+    compat.install()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain single process
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group(backend())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    world = dist.get_world_size()
+    if world % (tp * pp * cp) or (world // pp) % (ep * (etp or 1)):
+        raise ValueError(f"world size {world} does not fit tp={tp} pp={pp} cp={cp} ep={ep} etp={etp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+    )
+    torch.set_num_threads(1)
+    try:
+        compat.install()
+        dist.init_process_group(backend(), rank=rank, world_size=world_size)
+        queue.put((rank, True, fn(rank, *args)))
+    except BaseException:  # noqa: BLE001 - the traceback travels to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        destroy_parallel()
+
+
+def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
+    """Run ``fn(rank, *args)`` on ``world_size`` gloo/NCCL ranks; return the results in rank order."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    try:
+        for _ in range(world_size):
+            rank, ok, payload = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else timeout)
+            if proc.is_alive():
+                proc.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
