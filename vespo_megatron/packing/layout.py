@@ -64,9 +64,10 @@ def local_token_count(padded_total: int, cp: int, sp: int, tail_align: int) -> i
     return -(-(padded_total // cp) // align) * align
 
 
-def _check_parallel(cp: int, sp: int, tail_align: int) -> None:
+def check_parallel(cp: int, sp: int, tail_align: int) -> None:
+    """ValueError unless cp, sp and tail_align are positive integers."""
     for name, value in (("cp", cp), ("sp", sp), ("tail_align", tail_align)):
-        if int(value) != value or value < 1:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -75,7 +76,7 @@ def build_layout(seq_lens: np.ndarray, cp: int = 1, sp: int = 1, tail_align: int
 
     ``tail_align`` adds an alignment of the local pack on top of sp (e.g. 8 or 128 for fp8 kernels).
     """
-    _check_parallel(cp, sp, tail_align)
+    check_parallel(cp, sp, tail_align)
     n = np.asarray(seq_lens)
     if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer):
         raise ValueError(f"seq_lens must be a 1-D integer array, got shape {n.shape} dtype {n.dtype}")
