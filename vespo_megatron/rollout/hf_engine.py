@@ -1,0 +1,243 @@
+"""A CPU rollout engine on HF transformers (Qwen3-MoE, Mixtral) with SGLang's generate / weight-update interface.
+
+Per sample (one sequence at a time, under a lock, so results do not depend on concurrency or batching):
+prefill the prompt with a KV cache, then decode one token per forward; the last sampled token is never forwarded.
+- log-probs come from the engine's own forward in its own dtype (bf16 by default): ``log_softmax(logits / T)`` in
+  fp32 of the logits the token was sampled from (see sampling.py);
+- routing is captured by forward hooks on every ``*TopKRouter`` (their output[2] = top-k ids [tokens, k]), and
+  returned in SGLang's layout: int32 [P + N − 1 − start, num_hidden_layers, k] (row p = the forward of token p),
+  zeros for dense layers;
+- ``sampling_seed`` seeds a per-sample ``torch.Generator``: same seed, same tokens.
+Methods mirror ``sglang.Engine`` (``generate``, ``update_weights_from_disk``, ``update_weights_from_tensor``,
+``get_model_info``) so the SGLang engine client runs unchanged on it.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from vespo_megatron.rollout.protocol import (
+    GenerateItem, finish_length, finish_stop, parse_generate_request, response_dict,
+)
+from vespo_megatron.rollout.sampling import SamplingParams, sample_token, token_logprobs
+from vespo_megatron.rollout.weight_names import canonical_name, checkpoint_names, engine_view, tensor_digest
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for source in (model.config, getattr(model, "generation_config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
+class HFEngine:
+    """SGLang-like rollout engine around a transformers MoE causal LM (the engine owns and casts ``model``)."""
+
+    def __init__(self, model: torch.nn.Module, *, dtype: str = "bf16", model_path: str | None = None,
+                 enable_return_routed_experts: bool = True, weight_version: str = "default", seed: int = 0):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype = DTYPES[dtype]
+        self.model = model.to(self.dtype).eval()
+        self.model_path = model_path
+        self.enable_return_routed_experts = enable_return_routed_experts
+        self.weight_version = weight_version
+        config = self.model.config
+        self.num_layers = int(config.num_hidden_layers)
+        self.topk = int(config.num_experts_per_tok)
+        self.vocab_size = int(config.vocab_size)
+        self.context_len = int(config.max_position_embeddings)
+        self._eos = _eos_ids(self.model)
+        self._lock = threading.Lock()
+        self._seeds = np.random.default_rng(seed)
+        self._captured: dict[int, list[torch.Tensor]] = {}
+        self.moe_layers = self._hook_routers()
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, *, dtype: str = "bf16", **kwargs: Any) -> "HFEngine":
+        """Load an HF directory (``save_pretrained`` output)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        return cls(model, dtype=dtype, model_path=str(model_path), **kwargs)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, *, dtype: str = "bf16", **kwargs: Any) -> "HFEngine":
+        """Serve a copy of an in-memory model (the caller's model is left untouched)."""
+        return cls(copy.deepcopy(model), dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ routing capture
+    def _hook_routers(self) -> list[int]:
+        layers: list[int] = []
+        for name, module in self.model.named_modules():
+            if type(module).__name__.lower().endswith("topkrouter"):
+                layer = int(_LAYER.search(name).group(1))
+                module.register_forward_hook(self._recorder(layer))
+                layers.append(layer)
+        if not layers:
+            raise ValueError(f"{type(self.model).__name__} has no *TopKRouter module: not an MoE model this engine knows")
+        return sorted(layers)
+
+    def _recorder(self, layer: int):
+        def hook(module: torch.nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
+            self._captured[layer].append(output[2].detach())
+        return hook
+
+    def _routing(self, rows: int, start: int) -> np.ndarray:
+        """Captured top-k ids as int32 [rows − start, num_layers, topk]; dense layers are zero rows."""
+        trace = np.zeros((rows, self.num_layers, self.topk), dtype=np.int32)
+        for layer in self.moe_layers:
+            ids = torch.cat(self._captured[layer])
+            trace[:, layer] = ids[:rows].numpy()
+        return trace[start:]
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, input_ids: list[int] | list[list[int]] | None = None,
+                 sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None, **request: Any) -> Any:
+        """``sglang.Engine.generate`` with token ids: one response dict, or a list for a batch / ``n`` > 1.
+
+        Other keywords are /generate fields (``return_logprob``, ``logprob_start_len``, ``return_routed_experts``,
+        ``routed_experts_start_len``, ``rid``); ``prompt`` (text) is rejected, as there is no tokenizer.
+        """
+        if "prompt" in request:
+            request["text"] = request.pop("prompt")
+        return self.handle_generate({"input_ids": input_ids, "sampling_params": sampling_params, **request})
+
+    def handle_generate(self, body: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """Answer a /generate body; ValueError (HTTP 400) for a bad request."""
+        items, is_batch = parse_generate_request(body)
+        outputs = [self._run(item) for item in items]
+        return outputs if is_batch else outputs[0]
+
+    def _check(self, item: GenerateItem) -> None:
+        if max(item.input_ids) >= self.vocab_size:
+            raise ValueError(f"request {item.rid}: token id {max(item.input_ids)} >= vocab size {self.vocab_size}")
+        if len(item.input_ids) + item.params.max_new_tokens > self.context_len:
+            raise ValueError(f"request {item.rid}: prompt_tokens {len(item.input_ids)} + max_new_tokens "
+                             f"{item.params.max_new_tokens} exceeds the context length {self.context_len}")
+        if item.return_routed_experts and not self.enable_return_routed_experts:
+            raise ValueError(f"request {item.rid}: return_routed_experts needs the server flag "
+                             "--enable-return-routed-experts")
+        bad = [t for t in item.params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"request {item.rid}: stop_token_ids {bad} >= vocab size {self.vocab_size}")
+
+    def _run(self, item: GenerateItem) -> dict[str, Any]:
+        self._check(item)
+        started = time.perf_counter()
+        params = item.params
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)
+        with self._lock, torch.inference_mode():
+            seed = params.sampling_seed if params.sampling_seed is not None else int(self._seeds.integers(2**62))
+            generator = torch.Generator().manual_seed(seed)
+            self._captured = {layer: [] for layer in self.moe_layers}
+            out = self.model(input_ids=torch.tensor([item.input_ids]), use_cache=True)
+            wants_prompt = item.return_logprob and item.logprob_start_len >= 0
+            input_logprobs = self._prompt_logprobs(item, out.logits[0], params) if wants_prompt else []
+            past, logits = out.past_key_values, out.logits[0, -1]
+            output_ids: list[int] = []
+            output_logprobs: list[float] = []
+            finish = finish_length(params.max_new_tokens)
+            for step in range(params.max_new_tokens):
+                banned = sorted(stops) if step < params.min_new_tokens else None
+                token, logprob = sample_token(logits, params, generator, banned)
+                output_ids.append(token)
+                output_logprobs.append(logprob)
+                if token in stops:
+                    finish = finish_stop(token)
+                    break
+                if step + 1 == params.max_new_tokens:
+                    break
+                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[0, -1]
+            rows = len(item.input_ids) + len(output_ids) - 1
+            routing = self._routing(rows, item.routed_experts_start_len) if item.return_routed_experts else None
+            self._captured = {}
+            version = self.weight_version
+        return response_dict(item, output_ids, output_logprobs, input_logprobs, routing, finish, version,
+                             time.perf_counter() - started)
+
+    @staticmethod
+    def _prompt_logprobs(item: GenerateItem, logits: torch.Tensor, params: SamplingParams) -> list[float | None]:
+        """Log-probs of prompt tokens [logprob_start_len, P) from the prefill logits [P, V]; token 0 has none."""
+        ids = torch.tensor(item.input_ids[1:])
+        per_token = token_logprobs(logits[:-1], params).gather(-1, ids[:, None])[:, 0].tolist()
+        return ([None] + per_token)[item.logprob_start_len:]
+
+    # ------------------------------------------------------------------ weights
+    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                    weight_version: str | None = None) -> int:
+        """Copy HF-named tensors (checkpoint or in-memory names) into the engine; returns how many were written.
+
+        All names and shapes are checked before anything is written; ValueError names the first bad tensor.
+        """
+        state = self.model.state_dict(keep_vars=True)
+        pairs = []
+        for name, tensor in named_tensors:
+            target = engine_view(state, name)
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != engine {tuple(target.shape)}")
+            pairs.append((target, tensor))
+        with self._lock, torch.no_grad():
+            for target, tensor in pairs:
+                target.copy_(tensor)
+            if weight_version is not None:
+                self.weight_version = weight_version
+        return len(pairs)
+
+    def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], load_format: str | None = None,
+                                   flush_cache: bool = True, weight_version: str | None = None) -> tuple[bool, str]:
+        """``sglang.Engine.update_weights_from_tensor``: (success, message)."""
+        try:
+            count = self.update_weights_from_tensors(named_tensors, weight_version)
+        except ValueError as err:
+            return False, str(err)
+        return True, f"updated {count} tensors"
+
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
+                                 weight_version: str | None = None) -> tuple[bool, str, int]:
+        """``sglang.Engine.update_weights_from_disk``: load an HF directory; (success, message, num_paused=0)."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        except (OSError, ValueError) as err:
+            return False, f"cannot load {model_path}: {err}", 0
+        if type(loaded) is not type(self.model):
+            return False, f"{model_path} holds a {type(loaded).__name__}, the engine serves {type(self.model).__name__}", 0
+        with self._lock, torch.no_grad():
+            try:
+                self.model.load_state_dict(loaded.state_dict(), strict=True)
+            except RuntimeError as err:
+                return False, f"{model_path} does not match the served model: {err}", 0
+            self.model_path = str(model_path)
+            if weight_version is not None:
+                self.weight_version = weight_version
+        return True, f"loaded weights from {model_path}", 0
+
+    def weights_checksum(self, names: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+        """Per-tensor {"dtype", "digest"} keyed by canonical checkpoint name (all tensors when ``names`` is None)."""
+        with self._lock:
+            state = self.model.state_dict(keep_vars=True)
+            wanted = checkpoint_names(state) if names is None else list(names)
+            report = {}
+            for name in wanted:
+                tensor = engine_view(state, name)
+                report[canonical_name(name)] = {"dtype": str(tensor.dtype).removeprefix("torch."), "digest": tensor_digest(tensor)}
+        return report
+
+    def get_model_info(self) -> dict[str, Any]:
+        """``/get_model_info`` fields (SGLang's, no tokenizer)."""
+        return {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.weight_version}
