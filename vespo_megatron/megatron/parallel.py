@@ -7,6 +7,7 @@ importable (a module-level function). A failure on any rank raises in the caller
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -70,7 +71,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         compat.install()
         dist.init_process_group(backend(), rank=rank, world_size=world_size)
-        queue.put((rank, True, fn(rank, *args)))
+        # plain pickle: tensors travel by value (torch's queue reductions share fds that die with this process)
+        queue.put((rank, True, pickle.dumps(fn(rank, *args))))
     except BaseException:  # noqa: BLE001 - the traceback travels to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -91,7 +93,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
         for _ in range(world_size):
             rank, ok, payload = queue.get(timeout=timeout)
             if ok:
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

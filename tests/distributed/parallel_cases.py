@@ -1,0 +1,95 @@
+"""Rank functions for the parallel-exactness tests (module level, so ``spawn`` can import them)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from vespo_megatron.megatron.batch import MicroBatch, micro_batch
+from vespo_megatron.megatron.loss import LossSettings
+from vespo_megatron.megatron.model import build_model, tiny_hf_config
+from vespo_megatron.megatron.parallel import init_parallel
+from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
+from vespo_megatron.megatron.weights import export_global, load_global
+from vespo_megatron.packing.reference import pack
+from vespo_megatron.packing.sample import Sample
+
+
+def make_samples(n: int, seed: int = 0, vocab: int = 256) -> list[Sample]:
+    """n samples with prompts of 2-6 and responses of 1-9 tokens, rollout log-probs and ±advantages."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        p, r = int(rng.integers(2, 7)), int(rng.integers(1, 10))
+        out.append(Sample(
+            prompt=rng.integers(0, vocab, p).astype(np.int64),
+            response=rng.integers(0, vocab, r).astype(np.int64),
+            rollout_logprobs=-rng.uniform(3.0, 7.0, r).astype(np.float32),
+            advantage=float(rng.choice([-1.0, 0.5, 1.5])) * (1 + i % 3),
+        ))
+    return out
+
+
+def initial_weights(family: str, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Global weights of a 1-rank build (call inside a 1-rank world)."""
+    torch.manual_seed(seed)
+    model = build_model(tiny_hf_config(family), dtype=dtype)
+    weights = export_global(model)
+    for key, value in weights.items():  # the DSV3-style expert bias is zero at init: give it a routing effect
+        if key.endswith("expert_bias"):
+            value.copy_(torch.linspace(-0.3, 0.3, value.numel(), dtype=value.dtype).reshape(value.shape))
+    return weights
+
+
+def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int) -> list[MicroBatch]:
+    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; global normalisers attached."""
+    groups = [list(range(len(samples)))[i::n_micro] for i in range(n_micro)]
+    tokens = float(sum(len(s.response) for s in samples))
+    out = []
+    for gi, ids in enumerate(groups):
+        if gi % dp != dp_rank:
+            continue
+        mb = micro_batch(pack([samples[i] for i in ids], cp=1, sp=sp, sample_ids=ids), 0, sp_rank)
+        mb.global_tokens, mb.global_seqs = tokens, float(len(samples))
+        mb.extra["sample_ids"] = ids
+        out.append(mb)
+    return out
+
+
+def per_sample_logp(mbs: list[MicroBatch], logps: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """sample id -> log-probs of its response tokens (label slots with loss mask 1)."""
+    out = {}
+    for mb, lp in zip(mbs, logps):
+        for local, sid in enumerate(mb.extra["sample_ids"]):
+            sel = (mb.seq_ids == local) & (mb.loss_mask > 0)
+            out[sid] = lp[sel].clone()
+    return out
+
+
+def run_layout(rank: int, layout: dict, family: str, dtype: torch.dtype, weights: dict, samples: list[Sample],
+               n_micros: tuple[int, ...], loss: str = "vespo") -> list[dict]:
+    """Build the model under ``layout``, load ``weights``, run the old-log-prob pass and one forward-backward per
+    micro-batch count; returns per count: loss share, per-sample log-probs, global grads (rank 0)."""
+    init_parallel(**layout)
+    model = build_model(tiny_hf_config(family), dtype=dtype)
+    load_global(model, weights)
+    ddp = wrap_ddp(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    sp = parallel_state.get_tensor_model_parallel_world_size()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    last = parallel_state.is_pipeline_last_stage()
+    results = []
+    for n_micro in n_micros:
+        zero_grads(ddp)
+        mbs = micro_batches(samples, n_micro, sp, tp_rank, dp, dp_rank)
+        olds = old_log_probs(ddp, mbs)
+        if last:
+            mbs = [mb.with_old_log_prob(o) for mb, o in zip(mbs, olds)]
+        metrics = forward_backward(ddp, mbs, LossSettings(name=loss, old_from_rollout=True))
+        results.append({
+            "report": last and tp_rank == 0,
+            "loss": float(sum(m["loss"] for m in metrics)) if last else None,
+            "logp": per_sample_logp(mbs, olds) if last else None,
+            "grads": export_global(model, grads=True),
+        })
+    return results

@@ -1,0 +1,126 @@
+"""The policy loss handed to Megatron's ``get_forward_backward_func`` (last pipeline stage only).
+
+Per micro-batch (one CP rank's label-aligned slots, see ``batch``):
+1. logp_t, H_t from the vocabulary-parallel logits [t, V/tp] (``logprobs``; no vocabulary gather);
+2. the registered policy loss (``objectives``) on the packed tokens; every per-sequence sum (Σ_t m·lr_t for logW,
+   token counts) is this rank's partial sum, completed by ONE all-reduce of a [k, num_seqs] tensor over the
+   context-parallel group (``cp_seq_sum``), never an all-gather of per-token tensors;
+3. aggregation. Exact mode (default): normalised by the WHOLE global batch (response tokens or sequences of all
+   micro-batches and data-parallel ranks, ``MicroBatch.global_tokens/global_seqs``), so the sum over micro-batches
+   and ranks is the global token-mean whatever the micro-batch split. The model config sets
+   ``calculate_per_token_loss=True`` so Megatron neither divides by the number of micro-batches nor averages over
+   DP×CP: gradients are plain sums. Official mode: the micro-batch's own normaliser, divided by
+   num_microbatches·dp (the paper's per-micro-batch behaviour).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from vespo_megatron.megatron.batch import MicroBatch
+from vespo_megatron.megatron.logprobs import vocab_parallel_logprobs
+from vespo_megatron.objectives.aggregate import aggregate_loss, check_agg_mode
+from vespo_megatron.objectives.config import PolicyLossConfig
+from vespo_megatron.objectives.losses import get_policy_loss
+from vespo_megatron.objectives.packed import PackedPolicyInput
+
+SeqSum = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """name: registered policy loss; agg_mode: aggregation; exact_global: global normaliser (else official mode);
+    old_from_rollout: use the rollout engine's log-probs as μ (fully asynchronous training);
+    loss_scale_factor: the constant of seq-mean-token-sum-norm."""
+
+    name: str = "vespo"
+    agg_mode: str = "token-mean"
+    exact_global: bool = True
+    old_from_rollout: bool = False
+    loss_scale_factor: Optional[float] = None
+    hparams: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+
+    def __post_init__(self) -> None:
+        get_policy_loss(self.name)
+        check_agg_mode(self.agg_mode)
+
+
+def cp_seq_sum(group: Optional[dist.ProcessGroup]) -> SeqSum:
+    """The ``seq_sum`` of the objectives: all-reduce (sum) of a [k, num_seqs] tensor over ``group``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return lambda local: local
+
+    def reduce(local: torch.Tensor) -> torch.Tensor:
+        out = local.detach().clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    return reduce
+
+
+def token_logprobs(output: torch.Tensor, mb: MicroBatch, vocab_size: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [t], entropy [t] of ``mb.labels`` from the model output [1, t, V/tp]."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    return vocab_parallel_logprobs(
+        output[0], mb.labels, vocab_size=vocab_size, group=group, inplace_backward=inplace
+    )
+
+
+def policy_loss(
+    output: torch.Tensor,
+    mb: MicroBatch,
+    settings: LossSettings,
+    vocab_size: int,
+    num_microbatches: int,
+    seq_sum: Optional[SeqSum] = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(loss share, local response tokens, metrics) for Megatron's 3-tuple loss convention."""
+    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=True)
+    old = mb.rollout_log_prob if settings.old_from_rollout else mb.old_log_prob
+    if old is None:
+        raise ValueError("old_log_prob: missing; run the old-log-prob pass first (or use rollout log-probs)")
+    mask = mb.loss_mask
+    if settings.old_from_rollout:
+        mask = mask * mb.rollout_valid.to(mask.dtype)
+    dtype = logp.dtype
+    inp = PackedPolicyInput(
+        log_prob=logp,
+        old_log_prob=old.to(dtype),
+        advantages=mb.advantages.to(dtype),
+        response_mask=mask.to(dtype),
+        seq_ids=mb.seq_ids,
+        seq_advantages=mb.seq_advantages.to(dtype),
+        num_seqs=mb.num_seqs,
+        rollout_log_prob=None if mb.rollout_log_prob is None else mb.rollout_log_prob.to(dtype),
+        entropy=entropy.detach(),
+        seq_sum=seq_sum or cp_seq_sum(parallel_state.get_context_parallel_group()),
+    )
+    spec = get_policy_loss(settings.name)
+    out = spec.fn(inp, settings.hparams)
+    if settings.exact_global:
+        loss = aggregate_loss(
+            out.token_loss, mb.seq_ids, out.seq_token_counts, settings.agg_mode,
+            global_num_tokens=mb.global_tokens, global_num_seqs=mb.global_seqs,
+            loss_scale_factor=settings.loss_scale_factor,
+        )
+    else:
+        mode = spec.official_agg_mode or settings.agg_mode
+        dp = parallel_state.get_data_parallel_world_size()
+        loss = aggregate_loss(
+            out.token_loss, mb.seq_ids, out.seq_token_counts, mode, loss_scale_factor=settings.loss_scale_factor
+        ) / (num_microbatches * dp)
+    local_tokens = mask.sum().to(torch.int)
+    metrics = {**out.metrics, "loss": loss.detach(), "entropy_sum": (entropy.detach() * mask).sum(),
+               "response_tokens": local_tokens}
+    return loss, local_tokens, metrics
+
+
+def logprob_only(output: torch.Tensor, mb: MicroBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Forward-only pass (π_old): returns per-slot logp [t] and entropy [t] in the metrics dict."""
+    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=False)
+    zero = torch.zeros((), dtype=logp.dtype)
+    return zero, torch.zeros((), dtype=torch.int), {"log_prob": logp.detach(), "entropy": entropy.detach()}

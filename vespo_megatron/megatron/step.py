@@ -1,0 +1,97 @@
+"""One training step and the old-log-prob pass on a (DDP-wrapped) Megatron model.
+
+``wrap_ddp`` wraps the model in Megatron's DistributedDataParallel (gradient buffers ``param.main_grad``,
+``finalize_model_grads`` for DP all-reduce, SP/q-k norm all-reduce over TP, tied embeddings over PP).
+``forward_backward`` runs the micro-batches through ``get_forward_backward_func`` (any PP schedule) with the
+policy loss; ``old_log_probs`` runs them forward only and returns each micro-batch's per-slot log-probs [t] (last
+pipeline stage; None elsewhere). ``train_step`` adds the optimizer step.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from vespo_megatron.megatron.batch import MicroBatch
+from vespo_megatron.megatron.loss import LossSettings, logprob_only, policy_loss
+
+
+def _finalize_without_token_scaling(models: list, num_tokens: Optional[torch.Tensor] = None, **kwargs: Any) -> None:
+    """Our losses are already normalised by the global batch: reduce gradients, never divide by num_tokens."""
+    finalize_model_grads(models, None, **kwargs)
+
+
+def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+    """Megatron DDP around ``model`` (no overlap, no distributed optimizer; grads in param.main_grad)."""
+    config = model.config
+    config.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False),
+        module=model,
+    )
+    config.finalize_model_grads_func = _finalize_without_token_scaling
+    config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def _run(
+    model: torch.nn.Module,
+    micro_batches: Sequence[MicroBatch],
+    loss_fn: Callable[[MicroBatch, torch.Tensor], tuple],
+    forward_only: bool,
+) -> list[dict]:
+    if not micro_batches:
+        raise ValueError("micro_batches: empty")
+
+    def forward_step(data_iterator, module):
+        mb = next(data_iterator)
+        output = module(mb.tokens[None], mb.position_ids[None], None, packed_seq_params=mb.packed_seq_params())
+        return output, partial(loss_fn, mb)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=max(mb.tokens.numel() for mb in micro_batches),
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+def vocab_size_of(model: torch.nn.Module) -> int:
+    module = getattr(model, "module", model)
+    return int(module.hf_config.vocab_size)
+
+
+def forward_backward(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], settings: LossSettings) -> list[dict]:
+    """Forward + backward of every micro-batch; returns the per-micro-batch metrics (last stage; [] elsewhere)."""
+    vocab = vocab_size_of(model)
+    n = len(micro_batches)
+
+    def loss_fn(mb: MicroBatch, output: torch.Tensor):
+        return policy_loss(output, mb, settings, vocab, n)
+
+    return _run(model, micro_batches, loss_fn, forward_only=False)
+
+
+@torch.no_grad()
+def old_log_probs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]) -> list[Optional[torch.Tensor]]:
+    """π_old per slot [t] for each micro-batch (forward only); None on stages other than the last."""
+    vocab = vocab_size_of(model)
+    out = _run(model, micro_batches, lambda mb, output: logprob_only(output, mb, vocab), forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return [None] * len(micro_batches)
+    return [item["log_prob"] for item in out]
+
+
+def zero_grads(model: torch.nn.Module) -> None:
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    for param in model.parameters():
+        param.grad = None
