@@ -13,17 +13,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import moe_layer_pattern, tiny_hf_config
+from vespo_megatron.megatron.model import moe_layer_pattern, num_experts, tiny_hf_config
 from vespo_megatron.rollout.hf_engine import HFEngine
-from vespo_megatron.rollout.records import RoutingSpec
 from vespo_megatron.rollout.server import RolloutServer
 from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
 from vespo_megatron.rollout.weight_names import mismatched_weights
+from vespo_megatron.routing.trace import TraceSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 CONFIG = tiny_hf_config("qwen3_moe", mlp_only_layers=[2])
-SPEC = RoutingSpec.from_hf_config(CONFIG)
+SPEC = TraceSpec.from_layer_pattern(moe_layer_pattern(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)
 SAMPLING = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95}
 PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 256, size=3 + i % 7)] for i in range(16)]
 
@@ -62,7 +62,7 @@ def test_64_concurrent_requests_complete_validate_and_are_deterministic(server):
         assert record.finish_reason["type"] in ("stop", "length") and 1 <= n <= 12
         assert record.logprobs.shape == (n,) and np.isfinite(record.logprobs).all() and (record.logprobs <= 0).all()
         routing = record.routing
-        assert routing.shape == (len(record.prompt_ids) + n - 1, SPEC.num_layers, SPEC.topk)
+        assert routing.shape == (len(record.prompt_ids) + n - 1, SPEC.num_hf_layers, SPEC.topk)
         assert (routing[:, ~moe] == 0).all()
         moe_rows = routing[:, moe]
         assert ((moe_rows >= 0) & (moe_rows < SPEC.num_experts)).all()

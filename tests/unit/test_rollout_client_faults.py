@@ -13,12 +13,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from vespo_megatron.rollout.records import RolloutResponseError, RoutingSpec
+from vespo_megatron.rollout.records import RolloutResponseError
 from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
+from vespo_megatron.routing.trace import TraceSpec
 
 pytestmark = pytest.mark.timeout(60)
 
-SPEC = RoutingSpec(num_layers=2, topk=2, num_experts=4)
+SPEC = TraceSpec(num_hf_layers=2, moe_layers=(0, 1), num_experts=4, topk=2)
 PROMPT = [1, 2, 3]
 TRACE = np.array([[[0, 1], [2, 3]]] * 4, dtype="<i4")  # rows = 3 + 2 - 1
 
@@ -123,9 +124,11 @@ def test_client_error_is_not_retried(serve):
     (b'{"output_ids": [7, 9], "meta_info": {', RolloutError, "request p-0: malformed JSON from /generate"),
     (_ok(routed_experts=None), RolloutResponseError, "request p-0: meta_info has no routed_experts"),
     (_ok(routed_experts=base64.b64encode(TRACE.tobytes()).decode()[:-6]), RolloutResponseError,
-     "request p-0: routed_experts is not valid base64 (truncated?)"),
+     "request p-0: routed_experts of sample p-0, all layers, all rows: malformed base64"),
     (_ok(routed_experts=base64.b64encode(TRACE.tobytes()[:-6]).decode()), RolloutResponseError,
-     "request p-0: routed_experts holds 58 bytes, expected 64"),
+     "request p-0: routed_experts of sample p-0, all layers, all rows: wrong dtype: 58 bytes"),
+    (_ok(routed_experts=base64.b64encode(TRACE[:3].tobytes()).decode()), RolloutResponseError,
+     "request p-0: routed_experts of sample p-0, all layers, row 3: trace for a different sample length"),
     (_ok(output_token_logprobs=[[-1.0, 7, None]]), RolloutResponseError,
      "request p-0: 1 output log-probs for 2 output tokens"),
 ])

@@ -6,11 +6,13 @@ import base64
 import numpy as np
 import pytest
 
-from vespo_megatron.rollout.records import RolloutResponseError, RoutingSpec, record_from_response
+from vespo_megatron.rollout.records import RolloutResponseError, record_from_response
+from vespo_megatron.routing.trace import TraceSpec
 
-SPEC = RoutingSpec(num_layers=3, topk=2, num_experts=8)
+SPEC = TraceSpec(num_hf_layers=3, moe_layers=(0, 2), num_experts=8, topk=2)
 PROMPT = [11, 12, 13]
 TRACE = np.arange(4 * 3 * 2, dtype=np.int32).reshape(4, 3, 2) % 8  # rows = 3 + 2 - 1
+TRACE[:, 1] = 0  # layer 1 is dense
 
 
 def _b64(array: np.ndarray, dtype: str = "<i4") -> str:
@@ -47,11 +49,12 @@ def test_start_len_narrow_dtype_and_old_servers_without_output_ids():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"routed_experts": None}, "request r: meta_info has no routed_experts, but routing replay needs it"),
-    ({"routed_experts": _b64(TRACE)[:-3]}, "request r: routed_experts is not valid base64 (truncated?)"),
-    ({"routed_experts": _b64(TRACE)[:-8]}, "request r: routed_experts holds 90 bytes, expected 96 = 4 rows x 3 layers"),
-    ({"routed_experts": _b64(TRACE[:3])}, "expected 96"),
-    ({"routed_experts": _b64(np.where(TRACE == 7, 8, TRACE))}, "row 1 layer 0 holds expert id 8 outside [0, 8)"),
-    ({"routed_experts": 123}, "routed_experts must be a base64 string"),
+    ({"routed_experts": _b64(TRACE)[:-3]}, "request r: routed_experts of sample r, all layers, all rows: malformed"),
+    ({"routed_experts": _b64(TRACE)[:-8]}, "request r: routed_experts of sample r, all layers, all rows: wrong dtype"),
+    ({"routed_experts": _b64(TRACE[:3])}, "row 3: trace for a different sample length"),
+    ({"routed_experts": _b64(np.where(TRACE == 6, 8, TRACE))}, "sample r, layer 0, row 1: id >= num_experts 8"),
+    ({"routed_experts": _b64(np.where(TRACE == 5, 4, TRACE))}, "sample r, layer 2, row 0: duplicate ids"),
+    ({"routed_experts": _b64(TRACE * np.array([1, 1, 0])[:, None])}, "layer 2, all rows: all ids are 0"),
     ({"output_token_logprobs": [[-0.25, 5, None]]}, "request r: 1 output log-probs for 2 output tokens"),
     ({"output_token_logprobs": None}, "no output_token_logprobs"),
     ({"output_token_logprobs": [[-0.25, 5, None], [0.5, 6, None]]}, "log-prob 0.5 at position 1 is not finite"),
@@ -69,10 +72,3 @@ def test_malformed_fields_name_the_request(overrides, message):
 def test_non_object_response():
     with pytest.raises(RolloutResponseError, match="request q: response is not an object with meta_info"):
         record_from_response(["oops"], "q", PROMPT)
-
-
-def test_routing_spec_from_hf_configs():
-    from vespo_megatron.megatron.model import tiny_hf_config
-
-    assert RoutingSpec.from_hf_config(tiny_hf_config("qwen3_moe")) == RoutingSpec(4, 2, 8)
-    assert RoutingSpec.from_hf_config(tiny_hf_config("mixtral", num_local_experts=4)) == RoutingSpec(4, 2, 4)

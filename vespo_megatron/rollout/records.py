@@ -2,17 +2,19 @@
 
 A record holds, for one sample: prompt ids [P], response ids [N], per-token rollout log-probs μ [N] (fp32), the
 routing trace int32 [P + N − 1 − start, num_hidden_layers, topk] (or None) and SGLang's finish_reason dict.
-Every malformed response raises :class:`RolloutResponseError` naming the request id and the field.
+Routing is decoded and its MoE layers validated by :mod:`vespo_megatron.routing.trace` (ids in [0, E), k distinct
+per row, no uncaptured layer). Every malformed response raises :class:`RolloutResponseError` naming the request id
+and the field.
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from vespo_megatron.routing.trace import TraceError, TracePart, TraceSpec, decode_part, validate
 
 _FINISH_TYPES = {"stop", "length"}
 
@@ -35,42 +37,18 @@ class RolloutRecord:
     weight_version: str | None
 
 
-@dataclass(frozen=True)
-class RoutingSpec:
-    """What a routing trace must look like: [rows, num_layers, topk] with ids in [0, num_experts)."""
-
-    num_layers: int
-    topk: int
-    num_experts: int
-
-    @classmethod
-    def from_hf_config(cls, config: Any) -> "RoutingSpec":
-        """From a transformers config (Qwen3-MoE ``num_experts`` or Mixtral ``num_local_experts``)."""
-        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
-        return cls(int(config.num_hidden_layers), int(config.num_experts_per_tok), int(experts))
-
-
-def decode_routed_experts(encoded: Any, rows: int, spec: RoutingSpec, rid: str, dtype: str = "int32") -> np.ndarray:
-    """SGLang ``meta_info.routed_experts`` (base64 of flat little-endian ints) -> int32 [rows, layers, topk]."""
-    if not isinstance(encoded, str):
-        raise RolloutResponseError(f"request {rid}: routed_experts must be a base64 string, got {type(encoded).__name__}")
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except binascii.Error as err:
-        raise RolloutResponseError(f"request {rid}: routed_experts is not valid base64 (truncated?): {err}") from None
-    item = np.dtype(dtype).newbyteorder("<")
-    expected = rows * spec.num_layers * spec.topk
-    if len(raw) != expected * item.itemsize:
+def _routing(meta: dict[str, Any], rows: int, spec: TraceSpec, rid: str, start_len: int) -> np.ndarray:
+    """Decode (routing.trace) and validate the MoE layers of ``routed_experts`` -> int32 [rows, hf layers, topk]."""
+    if meta.get("routed_experts") is None:
         raise RolloutResponseError(
-            f"request {rid}: routed_experts holds {len(raw)} bytes, expected {expected * item.itemsize} "
-            f"= {rows} rows x {spec.num_layers} layers x {spec.topk} experts x {item.itemsize} bytes (truncated?)")
-    trace = np.frombuffer(raw, dtype=item).astype(np.int32).reshape(rows, spec.num_layers, spec.topk)
-    bad = np.argwhere((trace < 0) | (trace >= spec.num_experts))
-    if len(bad):
-        row, layer, _ = bad[0]
-        raise RolloutResponseError(f"request {rid}: routed_experts row {row} layer {layer} holds expert id "
-                                   f"{trace[tuple(bad[0])]} outside [0, {spec.num_experts})")
-    return trace
+            f"request {rid}: meta_info has no routed_experts, but routing replay needs it (start SGLang with "
+            "--enable-return-routed-experts and send return_routed_experts=true)")
+    try:
+        trace = decode_part(TracePart.from_meta_info(meta, start_len), spec, sample=rid, expected_rows=rows)
+        validate(trace[:, list(spec.moe_layers)], spec, sample=rid)
+    except TraceError as err:
+        raise RolloutResponseError(f"request {rid}: {err}") from err
+    return trace.astype(np.int32)
 
 
 def _output_logprobs(meta: dict[str, Any], output_ids: list[int], rid: str) -> np.ndarray:
@@ -92,7 +70,7 @@ def _output_logprobs(meta: dict[str, Any], output_ids: list[int], rid: str) -> n
     return np.asarray(values, dtype=np.float32)
 
 
-def record_from_response(response: Any, rid: str, prompt_ids: list[int], routing: RoutingSpec | None = None,
+def record_from_response(response: Any, rid: str, prompt_ids: list[int], routing: TraceSpec | None = None,
                          routed_experts_start_len: int = 0) -> RolloutRecord:
     """Validate one /generate result dict and build its record; ``routing`` set = the trace is required."""
     if not isinstance(response, dict) or not isinstance(response.get("meta_info"), dict):
@@ -109,13 +87,8 @@ def record_from_response(response: Any, rid: str, prompt_ids: list[int], routing
     logprobs = _output_logprobs(meta, output_ids, rid)
     trace = None
     if routing is not None:
-        if meta.get("routed_experts") is None:
-            raise RolloutResponseError(
-                f"request {rid}: meta_info has no routed_experts, but routing replay needs it (start SGLang with "
-                "--enable-return-routed-experts and send return_routed_experts=true)")
         rows = len(prompt_ids) + len(output_ids) - 1 - routed_experts_start_len
-        trace = decode_routed_experts(meta["routed_experts"], rows, routing, rid,
-                                      meta.get("routed_experts_dtype", "int32"))
+        trace = _routing(meta, rows, routing, rid, routed_experts_start_len)
     return RolloutRecord(
         rid=rid, prompt_ids=np.asarray(prompt_ids, dtype=np.int64), response_ids=np.asarray(output_ids, dtype=np.int64),
         logprobs=logprobs, routing=trace, routed_experts_start_len=routed_experts_start_len, finish_reason=finish,

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import requests
 
-from vespo_megatron.rollout.records import RolloutRecord, RoutingSpec, record_from_response
+from vespo_megatron.rollout.records import RolloutRecord, record_from_response
+from vespo_megatron.routing.trace import TraceSpec
 
 INSTALL_HINT = "sglang is not installed: `pip install \"sglang[all]\"` on a CUDA machine (see SGLang's install guide)"
 _RETRIABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
@@ -55,7 +56,7 @@ class _Sample:
 class _ClientBase:
     """Request building and record parsing shared by the HTTP and the in-process clients."""
 
-    def __init__(self, routing: RoutingSpec | None):
+    def __init__(self, routing: TraceSpec | None):
         self.routing = routing
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict[str, Any] | None = None, *,
@@ -63,7 +64,7 @@ class _ClientBase:
                  routed_experts_start_len: int = 0, rid_prefix: str | None = None) -> list[RolloutRecord]:
         """Generate ``samples_per_prompt`` samples per prompt, prompt-major; one record per sample, in order."""
         if return_routed_experts and self.routing is None:
-            raise ValueError("return_routed_experts needs a RoutingSpec (num_layers, topk, num_experts) on the client")
+            raise ValueError("return_routed_experts needs the model's TraceSpec (routing=...) on the client")
         prefix = rid_prefix or uuid.uuid4().hex[:12]
         samples = []
         for i, prompt in enumerate(prompts):
@@ -100,7 +101,7 @@ class _ClientBase:
 class SGLangClient(_ClientBase):
     """Client of a running SGLang server (or of ``vespo-megatron serve``) at ``base_url``."""
 
-    def __init__(self, base_url: str, *, routing: RoutingSpec | None = None, timeout_s: float = 120.0,
+    def __init__(self, base_url: str, *, routing: TraceSpec | None = None, timeout_s: float = 120.0,
                  max_retries: int = 3, backoff_s: float = 0.5, max_concurrency: int = 32):
         super().__init__(routing)
         self.base_url = base_url.rstrip("/")
@@ -210,12 +211,12 @@ class SGLangClient(_ClientBase):
 class SGLangEngineClient(_ClientBase):
     """Client of an in-process engine with ``sglang.Engine``'s interface (or the CPU HFEngine)."""
 
-    def __init__(self, engine: Any, *, routing: RoutingSpec | None = None):
+    def __init__(self, engine: Any, *, routing: TraceSpec | None = None):
         super().__init__(routing)
         self.engine = engine
 
     @classmethod
-    def launch(cls, *, routing: RoutingSpec | None = None, **server_args: Any) -> "SGLangEngineClient":
+    def launch(cls, *, routing: TraceSpec | None = None, **server_args: Any) -> "SGLangEngineClient":
         """Start ``sglang.Engine(**server_args)`` (e.g. model_path, tp_size, enable_return_routed_experts=True)."""
         return cls(import_sglang().Engine(**server_args), routing=routing)
 
