@@ -76,10 +76,26 @@ def policy_loss(
     settings: LossSettings,
     vocab_size: int,
     num_microbatches: int,
-    seq_sum: Optional[SeqSum] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(loss share, local response tokens, metrics) for Megatron's 3-tuple loss convention."""
     logp, entropy = token_logprobs(output, mb, vocab_size, inplace=True)
+    seq_sum = cp_seq_sum(parallel_state.get_context_parallel_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    return objective(logp, entropy, mb, settings, num_microbatches * dp, seq_sum)
+
+
+def objective(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    mb: MicroBatch,
+    settings: LossSettings,
+    official_divisor: int,
+    seq_sum: SeqSum,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The loss of one CP rank's slots from its per-slot logp [t] (with grad) and entropy [t].
+
+    ``official_divisor``: num_microbatches·dp, applied in official (per-micro-batch) mode only.
+    """
     old = mb.rollout_log_prob if settings.old_from_rollout else mb.old_log_prob
     if old is None:
         raise ValueError("old_log_prob: missing; run the old-log-prob pass first (or use rollout log-probs)")
@@ -97,7 +113,7 @@ def policy_loss(
         num_seqs=mb.num_seqs,
         rollout_log_prob=None if mb.rollout_log_prob is None else mb.rollout_log_prob.to(dtype),
         entropy=entropy.detach(),
-        seq_sum=seq_sum or cp_seq_sum(parallel_state.get_context_parallel_group()),
+        seq_sum=seq_sum,
     )
     spec = get_policy_loss(settings.name)
     out = spec.fn(inp, settings.hparams)
@@ -109,10 +125,9 @@ def policy_loss(
         )
     else:
         mode = spec.official_agg_mode or settings.agg_mode
-        dp = parallel_state.get_data_parallel_world_size()
         loss = aggregate_loss(
             out.token_loss, mb.seq_ids, out.seq_token_counts, mode, loss_scale_factor=settings.loss_scale_factor
-        ) / (num_microbatches * dp)
+        ) / official_divisor
     local_tokens = mask.sum().to(torch.int)
     metrics = {**out.metrics, "loss": loss.detach(), "entropy_sum": (entropy.detach() * mask).sum(),
                "response_tokens": local_tokens}
