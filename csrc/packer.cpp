@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "packer_layout.hpp"
+#include "packer_parallel.hpp"
 #include "packer_samples.hpp"
 
 namespace packer {
@@ -43,15 +44,23 @@ class Packer {
     for (int64_t k = 0; k < b.layers * b.topk; ++k) set_id(filler_.data() + k * b.routing_item, k % b.topk);
   }
 
+  // Items k = r·(S+1) + i: sequence i of CP rank r for i < S, the tail pad of rank r for i = S.
   void run() const {
-    for (int64_t r = 0; r < L_.cp; ++r) {
-      for (size_t i = 0; i < L_.size(); ++i)
-        for_each_chunk(L_, r, i, [&](int64_t dst, int64_t pos, int64_t len) { chunk(r * L_.t + dst, i, pos, len); });
-      pad(r * L_.t + L_.body(), L_.t - L_.body());
-    }
+    const int64_t S = static_cast<int64_t>(L_.size()), slot = 33 + row_;  // bytes written per slot
+    auto slots = [&](int64_t k) { return k % (S + 1) == S ? L_.t - L_.body() : L_.padded[k % (S + 1)] / L_.cp; };
+    parallel_ranges(L_.cp * (S + 1), L_.cp * L_.t * slot, [&](int64_t k) { return slots(k) * slot; },
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t k = begin; k < end; ++k) item(k / (S + 1), static_cast<size_t>(k % (S + 1)));
+                      stream_fence();
+                    });
   }
 
  private:
+  void item(int64_t r, size_t i) const {
+    if (i == L_.size()) return pad(r * L_.t + L_.body(), L_.t - L_.body());
+    for_each_chunk(L_, r, i, [&](int64_t dst, int64_t pos, int64_t len) { chunk(r * L_.t + dst, i, pos, len); });
+  }
+
   void set_id(uint8_t* p, int64_t id) const {
     if (b_.routing_item == 1) *p = static_cast<uint8_t>(id);
     else if (b_.routing_item == 2) { const uint16_t v = static_cast<uint16_t>(id); std::memcpy(p, &v, 2); }
@@ -108,7 +117,7 @@ class Packer {
     }
     if (o_.routing) {
       const Span rows = clip(pos, end, 0, n - 1);  // row p: the forward whose input is token p
-      std::memcpy(o_.routing + (o + rows.x - pos) * row_, s.routing + rows.x * row_, rows.size() * row_);
+      stream_copy(o_.routing + (o + rows.x - pos) * row_, s.routing + rows.x * row_, rows.size() * row_);
       const int64_t first_filler = std::max(pos, n - 1);
       fill_routing(o + (first_filler - pos), end - first_filler);
     }
@@ -120,6 +129,28 @@ class Packer {
   const int64_t row_;
   std::vector<uint8_t> filler_;
 };
+
+// Pass 2 over all samples in parallel; raises the error of the first failing sample.
+void check_all_values(const Batch& b) {
+  const int64_t S = static_cast<int64_t>(b.samples.size());
+  std::vector<std::string> errors(S);
+  int64_t total = 0;
+  for (const SampleView& s : b.samples) total += (s.P + s.R) * 16;
+  {
+    py::gil_scoped_release nogil;
+    parallel_ranges(S, total, [&](int64_t i) { return (b.samples[i].P + b.samples[i].R) * 16; },
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t i = begin; i < end; ++i) try {
+                          check_values(b.samples[i], b.ids[i]);
+                        } catch (const std::exception& e) {
+                          errors[i] = e.what();
+                          return;
+                        }
+                    });
+  }
+  for (const std::string& e : errors)
+    if (!e.empty()) throw py::value_error(e);
+}
 
 py::dict stats(const Layout& L, const Batch& b) {
   int64_t resp = 0, missing = 0, truncated = 0, s_missing = 0, s_truncated = 0;
@@ -149,10 +180,7 @@ py::dict pack(const py::list& prompts, const py::list& responses, const py::list
   for (size_t i = 0; i < S; ++i) check_structure(prompts, responses, masks, logprobs, routings, truncate, b, i);
   std::vector<int64_t> n(S), plen(S), rlen(S);
   for (size_t i = 0; i < S; ++i) plen[i] = b.samples[i].P, rlen[i] = b.samples[i].R, n[i] = plen[i] + rlen[i];
-  {
-    py::gil_scoped_release nogil;
-    for (size_t i = 0; i < S; ++i) check_values(b.samples[i], b.ids[i]);
-  }
+  check_all_values(b);
   const Layout L = make_layout(n, cp, sp, tail_align);
 
   const std::vector<py::ssize_t> shape = {cp, L.t};
@@ -198,12 +226,19 @@ py::array unpack(const py::array& values, const py::array_t<int64_t, py::array::
   auto* dst = static_cast<uint8_t*>(out.mutable_data());
   {
     py::gil_scoped_release nogil;
-    for (int64_t r = 0; r < cp; ++r)
-      for (size_t i = 0; i < L.size(); ++i)
-        for_each_chunk(L, r, i, [&](int64_t o, int64_t pos, int64_t len) {
-          const Span real = clip(pos, pos + len, 0, L.n[i]);
-          std::memcpy(dst + (L.cu[i] + real.x) * row, src + (r * L.t + o + real.x - pos) * row, real.size() * row);
-        });
+    const int64_t S = static_cast<int64_t>(L.size());
+    parallel_ranges(cp * S, L.cu.back() * row, [&](int64_t k) { return L.n[k % S] / cp * row; },
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t k = begin; k < end; ++k) {
+                        const int64_t r = k / S;
+                        const size_t i = static_cast<size_t>(k % S);
+                        for_each_chunk(L, r, i, [&](int64_t o, int64_t pos, int64_t len) {
+                          const Span real = clip(pos, pos + len, 0, L.n[i]);
+                          std::memcpy(dst + (L.cu[i] + real.x) * row, src + (r * L.t + o + real.x - pos) * row,
+                                      real.size() * row);
+                        });
+                      }
+                    });
   }
   return out;
 }
@@ -246,5 +281,10 @@ PYBIND11_MODULE(_packer, m) {
         py::arg("tail_align"), py::arg("truncate"));
   m.def("unpack", &packer::unpack, py::arg("values"), py::arg("seq_lens"), py::arg("cp"), py::arg("sp"),
         py::arg("tail_align"));
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+    packer::thread_setting() = n;
+  }, py::arg("num_threads"));
+  m.def("get_num_threads", [] { return packer::thread_setting().load(); });
   m.def("layout", &packer::layout, py::arg("seq_lens"), py::arg("cp"), py::arg("sp"), py::arg("tail_align"));
 }

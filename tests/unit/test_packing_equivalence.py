@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -97,3 +98,32 @@ def test_native_index_maps_equal_reference(lens, cp, sp, tail_align):
     for field in ("position", "seq_index", "gather", "sp_bounds", "cu_seqlens", "cu_seqlens_padded"):
         x, y = getattr(lay, field), nat[field]
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), field
+
+
+def test_threaded_packing_equals_reference():
+    """Batches big enough for the C++ thread split (≥ 4 MiB of work per thread): same bytes, same first error."""
+    rng = np.random.default_rng(1)
+    samples = [
+        Sample(rng.integers(0, 9, p), rng.integers(0, 9, r), -rng.random(r), None,
+               rng.integers(0, 64, (p + r - 1, 2, 8)).astype(np.uint8))
+        for p, r in rng.integers(1, 8000, (140, 2))
+    ]  # ~1.1M tokens: > 8 MiB of validation work and of output, so three threads share each pass
+    threads = _packer.get_num_threads()
+    try:
+        _packer.set_num_threads(3)
+        nat, ref = native.pack(samples, cp=2, sp=2), reference.pack(samples, cp=2, sp=2)
+        assert_same_batch(ref, nat)
+        values = rng.normal(size=nat.tokens.shape + (4,))
+        for x, y in zip(reference.unpack(ref, values), native.unpack(nat, values), strict=True):
+            assert x.tobytes() == y.tobytes()
+        # two bad samples in different thread ranges: the error names the first one
+        samples[5].response[3] = -1
+        samples[130].rollout_logprobs[0] = np.nan
+        messages = []
+        for impl in (reference, native):
+            with pytest.raises(ValueError) as err:
+                impl.pack(samples)
+            messages.append(str(err.value))
+        assert messages[0] == messages[1] == "sample 5: response: index 3 holds a negative token id"
+    finally:
+        _packer.set_num_threads(threads)
