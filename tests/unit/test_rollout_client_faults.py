@@ -86,8 +86,9 @@ def serve():
 def test_500_then_200_is_retried(serve):
     server = serve((500, b"internal", 0.0), (200, _ok(), 0.0))
     (record,) = _client(server).generate([PROMPT], {"max_new_tokens": 2}, return_routed_experts=True, rid_prefix="p")
-    assert len(server.bodies) == 2 and server.bodies[0] == server.bodies[1]
-    assert server.bodies[0]["rid"] == "p-0" and server.bodies[0]["return_routed_experts"] is True
+    assert len(server.bodies) == 2
+    assert [body.pop("rid") for body in server.bodies] == ["p-0", "p-0-retry1"]  # a retry never reuses a rid
+    assert server.bodies[0] == server.bodies[1] and server.bodies[0]["return_routed_experts"] is True
     np.testing.assert_array_equal(record.routing, TRACE)
     np.testing.assert_array_equal(record.response_ids, [7, 9])
 

@@ -134,7 +134,7 @@ def test_prompt_logprobs_scoring_and_routing_start_len():
 
 
 @pytest.mark.parametrize("request_kwargs, message", [
-    ({"input_ids": [[1, 300]]}, "token id 300 >= vocab size 256"),
+    ({"input_ids": [1, 300]}, "token id 300 >= vocab size 256"),
     ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 600}}, "exceeds the context length 512"),
     ({"input_ids": [1, 2], "sampling_params": {"stop_token_ids": [999]}}, "stop_token_ids [999]"),
     ({"prompt": "hello"}, "needs a tokenizer"),

@@ -86,12 +86,15 @@ class HFEngine:
                 module.register_forward_hook(self._recorder(layer))
                 layers.append(layer)
         if not layers:
-            raise ValueError(f"{type(self.model).__name__} has no *TopKRouter module: not an MoE model this engine knows")
+            raise ValueError(f"{type(self.model).__name__} has no *TopKRouter module: not an MoE model this engine "
+                             "knows")
         return sorted(layers)
 
     def _recorder(self, layer: int):
         def hook(module: torch.nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
-            self._captured[layer].append(output[2].detach())
+            buffer = self._captured.get(layer)  # None for forwards outside generation
+            if buffer is not None:
+                buffer.append(output[2].detach())
         return hook
 
     def _routing(self, rows: int, start: int) -> np.ndarray:
@@ -215,7 +218,8 @@ class HFEngine:
         except (OSError, ValueError) as err:
             return False, f"cannot load {model_path}: {err}", 0
         if type(loaded) is not type(self.model):
-            return False, f"{model_path} holds a {type(loaded).__name__}, the engine serves {type(self.model).__name__}", 0
+            served = type(self.model).__name__
+            return False, f"{model_path} holds a {type(loaded).__name__}, the engine serves {served}", 0
         with self._lock, torch.no_grad():
             try:
                 self.model.load_state_dict(loaded.state_dict(), strict=True)
@@ -234,7 +238,8 @@ class HFEngine:
             report = {}
             for name in wanted:
                 tensor = engine_view(state, name)
-                report[canonical_name(name)] = {"dtype": str(tensor.dtype).removeprefix("torch."), "digest": tensor_digest(tensor)}
+                report[canonical_name(name)] = {"dtype": str(tensor.dtype).removeprefix("torch."),
+                                                "digest": tensor_digest(tensor)}
         return report
 
     def get_model_info(self) -> dict[str, Any]:

@@ -67,7 +67,7 @@ class _ClientBase:
             raise ValueError("return_routed_experts needs the model's TraceSpec (routing=...) on the client")
         prefix = rid_prefix or uuid.uuid4().hex[:12]
         samples = []
-        for i, prompt in enumerate(prompts):
+        for prompt in prompts:
             for _ in range(samples_per_prompt):
                 params = dict(sampling_params or {})
                 if seed is not None:
@@ -118,13 +118,18 @@ class SGLangClient(_ClientBase):
         return session
 
     def _request(self, method: str, path: str, what: str, payload: Any = None) -> requests.Response:
-        """One call with retries on connection errors, timeouts and 5xx; RolloutError names ``what``."""
+        """One call with retries on connection errors, timeouts and 5xx; RolloutError names ``what``.
+
+        ``payload`` may be a function of the attempt number (a retried /generate needs a fresh rid: SGLang refuses
+        a rid that is still in flight, e.g. after a client-side timeout).
+        """
         last = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            body = payload(attempt) if callable(payload) else payload
             try:
-                response = self._session().request(method, self.base_url + path, json=payload, timeout=self.timeout_s)
+                response = self._session().request(method, self.base_url + path, json=body, timeout=self.timeout_s)
             except _RETRIABLE as err:
                 last = f"{type(err).__name__}: {err}"
                 continue
@@ -146,7 +151,10 @@ class SGLangClient(_ClientBase):
 
     def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
         def one(sample: _Sample) -> Any:
-            body = {"input_ids": sample.prompt, "sampling_params": sample.sampling_params, "rid": sample.rid, **extra}
+            def body(attempt: int) -> dict[str, Any]:
+                rid = f"{sample.rid}-retry{attempt}" if attempt else sample.rid
+                return {"input_ids": sample.prompt, "sampling_params": sample.sampling_params, "rid": rid, **extra}
+
             return self._json("POST", "/generate", f"request {sample.rid}", body)
 
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, max(len(samples), 1))) as pool:
@@ -193,7 +201,7 @@ class SGLangClient(_ClientBase):
 
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]], weight_version: str | None = None,
                                    tp_size: int = 1) -> None:
-        """POST /update_weights_from_tensor: CUDA IPC handles (the caller must be on the server's node; needs sglang)."""
+        """POST /update_weights_from_tensor: CUDA IPC handles (caller on the server's node; needs sglang)."""
         utils = import_sglang("sglang.srt.utils")
         payload_one = utils.MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
         payload: dict[str, Any] = {"serialized_named_tensors": [payload_one] * tp_size, "flush_cache": True}
@@ -229,12 +237,27 @@ class SGLangEngineClient(_ClientBase):
                                f"({samples[0].rid}..{samples[-1].rid})")
         return outputs
 
-    def update_weights_from_disk(self, model_path: str) -> None:
-        success, message, *_ = self.engine.update_weights_from_disk(str(model_path))
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
+        success, message, *_ = self.engine.update_weights_from_disk(str(model_path), **_version(weight_version))
         if not success:
             raise RolloutError(f"update_weights_from_disk({model_path}): {message}")
 
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
-        success, message = self.engine.update_weights_from_tensor(list(named_tensors))
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]],
+                                   weight_version: str | None = None) -> None:
+        success, message = self.engine.update_weights_from_tensor(list(named_tensors), **_version(weight_version))
         if not success:
             raise RolloutError(f"update_weights_from_tensor: {message}")
+
+    def get_weight_version(self) -> str:
+        return self.engine.get_model_info()["weight_version"]
+
+    def weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+        """Per-tensor digests (the CPU HFEngine; sglang.Engine has none: check weights with a probe instead)."""
+        if not hasattr(self.engine, "weights_checksum"):
+            raise RolloutError(f"{type(self.engine).__name__} reports no weight digests: verify with a probe")
+        return self.engine.weights_checksum(names)
+
+
+def _version(weight_version: str | None) -> dict[str, str]:
+    """``weight_version`` keyword only when set (older sglang.Engine methods do not take it)."""
+    return {} if weight_version is None else {"weight_version": weight_version}
