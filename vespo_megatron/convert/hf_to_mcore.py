@@ -1,0 +1,137 @@
+"""HF checkpoint directory -> Megatron-Core torch_dist checkpoint (optionally also per-rank shards), streamed by unit.
+
+All checks (config, layout, every tensor's presence and shape, destination) run before anything is written. Then each
+unit (embedding, one layer, head) is converted rule by rule — only the rule's HF tensors and its Megatron tensor are
+in memory at a time — into its own ``.distcp`` file, renamed into place and journaled. The HF config and the other
+small files of the source (generation config, tokenizer) are kept under ``DEST/hf/`` for the way back.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from vespo_megatron.convert import dcp_io, mapping, rank_shards
+from vespo_megatron.convert.hf_io import INDEX, HfCheckpoint, HfSession
+from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
+from vespo_megatron.convert.plan import Plan, PlannedFile, progress
+from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
+
+ASSETS_DIR = "hf"
+
+
+@dataclass(frozen=True)
+class HfToMcoreOptions:
+    layout: Layout = Layout()
+    dtype: torch.dtype | None = None  # None keeps each tensor's dtype
+    divisible_by: int = 128  # vocabulary padding multiple (times tp)
+    stacked: bool = False  # stacked [L, …] layer keys instead of per-layer keys
+    ignore: str | None = None  # regex of source tensors to skip (e.g. MTP layers)
+    per_rank: bool = False  # also write per-rank shards for ``layout``
+    resume: bool = False
+    dry_run: bool = False
+    progress: bool = True
+    fsync: bool = False
+
+
+def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) -> torch.Tensor:
+    """Apply a requested dtype (None keeps it); the router expert bias then becomes float32, as Megatron keeps it."""
+    if dtype is None:
+        return tensor
+    return tensor.float() if rule.fp32 else tensor.to(dtype)
+
+
+def converted(spec: ModelSpec, unit: mapping.Unit, session: HfSession, dtype: torch.dtype | None) -> Iterator[tuple[mapping.Rule, torch.Tensor]]:
+    """(rule, Megatron tensor) for each rule of ``unit``, one at a time."""
+    for rule in unit.rules:
+        yield rule, cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
+
+
+def _assets(src: Path) -> list[Path]:
+    return sorted(p for p in src.iterdir() if p.is_file() and not p.name.endswith(".safetensors") and p.name != INDEX)
+
+
+def _nbytes(rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> int:
+    if dtype is None:
+        return sum(ckpt.nbytes(n) for n in rule.hf) * rule.numel // sum(_numel(s) for s in rule.hf_shapes)
+    return rule.numel * (4 if rule.fp32 else torch.empty(0, dtype=dtype).element_size())
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOptions = HfToMcoreOptions()) -> Plan:
+    """Convert (or with ``dry_run`` only plan) ``src`` -> ``dst``; return the plan."""
+    src, dst = Path(src), Path(dst)
+    hf_config = load_hf_config(src)
+    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=options.stacked,
+                      config_file=src / "config.json")
+    options.layout.check(spec, src / "config.json")
+    ckpt = HfCheckpoint(src)
+    expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
+    ignored = ckpt.check(expected, options.ignore)
+    units = mapping.units(spec)
+    names = [f"__0_{k}.distcp" for k in range(len(units))]
+    sizes = [sum(_nbytes(r, ckpt, options.dtype) for r in unit.rules) for unit in units]
+    in_sizes = [sum(ckpt.nbytes(n) for r in unit.rules for n in r.hf) for unit in units]
+    largest_rule = max(_nbytes(r, ckpt, options.dtype) for r in mapping.rules(spec))
+    files = [PlannedFile(n, (u.name,), len(u.rules), b) for n, u, b in zip(names, units, sizes)]
+    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, max(in_sizes) + 2 * largest_rule)
+    if ignored:
+        plan.notes.append(f"ignored {len(ignored)} source tensors matching {options.ignore!r}: {', '.join(ignored[:4])}…")
+    if options.per_rank:
+        plan.notes.append(f"per-rank shards for {options.layout} under {rank_shards.RANKS_DIR}/")
+    fingerprint = {"direction": plan.direction, "source": source_fingerprint([src / f for f in ckpt.files] + _assets(src)),
+                   "options": repr(options.__class__(**{**options.__dict__, "resume": False, "dry_run": False, "progress": False}))}
+    journal = Journal(dst, fingerprint, options.resume)
+    if options.dry_run:
+        return plan
+    journal.begin(options.fsync)
+    writers = rank_shards.RankShardWriter(spec, options.layout, dst) if options.per_rank else None
+    with progress(plan.total_bytes, "hf->mcore", options.progress) as bar:
+        for k, (unit, name) in enumerate(zip(units, names)):
+            if journal.is_done(k):
+                bar.update(sizes[k])
+                continue
+            with ckpt.session() as session:
+                chunks = converted(spec, unit, session, options.dtype)
+                if writers:
+                    chunks = writers.tee(chunks)
+                pieces: list = []
+
+                objects = [key for key in map(mapping.extra_state_key, unit.rules) if key]
+
+                def write(tmp: Path) -> None:
+                    pieces.extend(dcp_io.write_data_file(tmp, _tracked(chunks, bar), objects))
+
+                atomic_write(dst / name, write, journal.tmp, options.fsync)
+            if writers:
+                writers.flush(k, journal, options.fsync)
+            journal.mark(k, pieces, options.fsync)
+    write_bytes = lambda path, data: atomic_write_bytes(path, data, journal.tmp, options.fsync)  # noqa: E731
+    (dst / ASSETS_DIR).mkdir(exist_ok=True)
+    for asset in _assets(src):
+        atomic_write(dst / ASSETS_DIR / asset.name, lambda tmp, a=asset: shutil.copyfile(a, tmp), journal.tmp, options.fsync)
+    dcp_io.finish(dst, [(n, journal.payload(k)) for k, n in enumerate(names)], write_bytes)
+    journal.finish()
+    return plan
+
+
+def _tracked(chunks: Iterator[tuple[mapping.Rule, torch.Tensor]], bar) -> Iterator[tuple]:
+    for rule, tensor in chunks:
+        yield rule.key, rule.global_shape, rule.offset, len(rule.index), tensor
+        bar.update(tensor.numel() * tensor.element_size())
+
+
+def _describe(spec: ModelSpec) -> str:
+    moe = sum(spec.moe_layers)
+    return (f"{spec.family}: {spec.num_layers} layers ({moe} MoE), hidden {spec.hidden}, heads {spec.num_heads}/"
+            f"{spec.num_kv_heads} kv, {spec.num_experts} experts, vocab {spec.vocab_size} -> {spec.padded_vocab_size}"
+            f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys")

@@ -1,0 +1,238 @@
+"""The one HF <-> Megatron-Core name and shape mapping, used by the file converters, the in-memory weight sync and the
+logits-parity check.
+
+A :class:`Rule` ties one Megatron tensor — a dist-checkpoint ``key`` at position ``index`` on the key's leading axes
+(layer when keys are stacked, expert for routed experts) — to the HF checkpoint tensors it is made of. Megatron keys
+are those of ``model.sharded_state_dict()`` for the local layer spec with sequential experts (also valid for grouped
+experts, whose dist-checkpoint keys are the same): per-layer keys ``decoder.layers.{i}.…`` (mixed dense/MoE layers,
+vespo's ``build_model``) or stacked keys ``decoder.layers.…`` with a leading [L] axis. The local spec stores
+``input_layernorm`` as ``self_attention.linear_qkv.layer_norm_weight`` and ``pre_mlp_layernorm`` as
+``mlp.linear_fc1.layer_norm_weight``. Routed experts: key ``….mlp.experts.experts.linear_fc1.weight`` with an [E]
+axis indexed by the *global* expert id (rank ep holds ids ep·E/EP … (ep+1)·E/EP − 1).
+
+Shapes: H hidden, nh heads, ng kv groups, d head size, F / Fe / Fs dense / expert / shared intermediate, E experts,
+V / Vp vocabulary (padded). qkv [ng·(nh/ng+2)·d, H], linear_proj [H, nh·d], fc1 [2F, H] = [gate; up], fc2 [H, F],
+router [E, H], expert_bias [E] (float32), embedding / output [Vp, H].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from vespo_megatron.convert.spec import ModelSpec
+from vespo_megatron.convert.transforms import fuse_glu, interleave_qkv, pad_vocab, split_glu, split_qkv, strip_vocab
+
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Megatron tensor and the HF tensors it is made of.
+
+    ``op``: copy | qkv (interleave q, k, v) | glu ([gate; up]) | vocab (pad rows to Vp).
+    ``split`` (tensor parallelism of the Megatron tensor): replicated | column (dim 0) | row (dim 1) | glu (each half
+    on dim 0) | vocab (dim 0 of the padded table). ``module``: the parameter's state-dict name in a model whose layer
+    ``{layer}`` and local expert ``{expert}`` are filled in per rank.
+    """
+
+    key: str
+    index: tuple[int, ...]
+    axes: tuple[int, ...]
+    shape: tuple[int, ...]
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    op: str
+    split: str
+    unit: str
+    module: str
+    layer: int | None = None
+    expert: int | None = None
+    fp32: bool = False
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        return self.axes + self.shape
+
+    @property
+    def offset(self) -> tuple[int, ...]:
+        return self.index + (0,) * len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of rules converted (and written) together: the embedding, one decoder layer, or the head."""
+
+    name: str
+    rules: tuple[Rule, ...]
+
+
+class _Builder:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.rules: list[Rule] = []
+
+    def add(self, unit: str, layer: int | None, suffix: str, hf: list[tuple[str, tuple[int, ...]]], shape: tuple[int, ...],
+            op: str = "copy", split: str = "replicated", expert: int | None = None, module: str | None = None,
+            fp32: bool = False) -> None:
+        spec = self.spec
+        index: tuple[int, ...] = ()
+        axes: tuple[int, ...] = ()
+        if layer is None:
+            key = suffix
+        elif spec.stacked:
+            key, index, axes = f"decoder.layers.{suffix}", (layer,), (spec.num_layers,)
+        else:
+            key = f"decoder.layers.{layer}.{suffix}"
+        if expert is not None:
+            index, axes = index + (expert,), axes + (spec.num_experts,)
+        module = module or suffix
+        if layer is not None:
+            module = f"decoder.layers.{{layer}}.{module}"
+        self.rules.append(Rule(key, index, axes, shape, tuple(n for n, _ in hf), tuple(s for _, s in hf), op, split, unit,
+                               module, layer, expert, fp32))
+
+
+def _attention(b: _Builder, unit: str, i: int, p: str) -> None:
+    s = b.spec
+    H, nh, ng, d = s.hidden, s.num_heads, s.num_kv_heads, s.head_dim
+    qkv_rows = ng * (nh // ng + 2) * d
+    b.add(unit, i, "self_attention.linear_qkv.weight",
+          [(f"{p}self_attn.q_proj.weight", (nh * d, H)), (f"{p}self_attn.k_proj.weight", (ng * d, H)),
+           (f"{p}self_attn.v_proj.weight", (ng * d, H))], (qkv_rows, H), "qkv", "column")
+    if s.qkv_bias:
+        b.add(unit, i, "self_attention.linear_qkv.bias",
+              [(f"{p}self_attn.q_proj.bias", (nh * d,)), (f"{p}self_attn.k_proj.bias", (ng * d,)),
+               (f"{p}self_attn.v_proj.bias", (ng * d,))], (qkv_rows,), "qkv", "column")
+    if s.qk_norm:
+        b.add(unit, i, "self_attention.q_layernorm.weight", [(f"{p}self_attn.q_norm.weight", (d,))], (d,))
+        b.add(unit, i, "self_attention.k_layernorm.weight", [(f"{p}self_attn.k_norm.weight", (d,))], (d,))
+    b.add(unit, i, "self_attention.linear_proj.weight", [(f"{p}self_attn.o_proj.weight", (H, nh * d))], (H, nh * d),
+          split="row")
+
+
+def _glu_mlp(b: _Builder, unit: str, i: int, hf_prefix: str, mc_prefix: str, ffn: int, names: tuple[str, str, str],
+             expert: int | None = None, module_prefix: str | None = None) -> None:
+    """gate/up/down projections [F, H], [F, H], [H, F] -> fc1 [2F, H], fc2 [H, F]."""
+    H = b.spec.hidden
+    gate, up, down = names
+    module_prefix = module_prefix or mc_prefix
+    b.add(unit, i, f"{mc_prefix}linear_fc1.weight",
+          [(f"{hf_prefix}{gate}.weight", (ffn, H)), (f"{hf_prefix}{up}.weight", (ffn, H))], (2 * ffn, H), "glu", "glu",
+          expert, f"{module_prefix}linear_fc1.weight")
+    b.add(unit, i, f"{mc_prefix}linear_fc2.weight", [(f"{hf_prefix}{down}.weight", (H, ffn))], (H, ffn), split="row",
+          expert=expert, module=f"{module_prefix}linear_fc2.weight")
+
+
+def _moe(b: _Builder, unit: str, i: int, p: str) -> None:
+    s = b.spec
+    mixtral = s.family == "mixtral"
+    moe = f"{p}block_sparse_moe." if mixtral else f"{p}mlp."
+    names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    b.add(unit, i, "mlp.router.weight", [(f"{moe}gate.weight", (s.num_experts, s.hidden))], (s.num_experts, s.hidden))
+    if s.expert_bias:
+        b.add(unit, i, "mlp.router.expert_bias", [(f"{moe}gate.e_score_correction_bias", (s.num_experts,))],
+              (s.num_experts,), fp32=True)
+    for e in range(s.num_experts):
+        _glu_mlp(b, unit, i, f"{moe}experts.{e}.", "mlp.experts.experts.", s.moe_ffn, names, expert=e,
+                 module_prefix="mlp.experts.local_experts.{expert}.")
+    if s.shared_ffn:
+        _glu_mlp(b, unit, i, f"{moe}shared_experts.", "mlp.shared_experts.", s.shared_ffn, names)
+
+
+@lru_cache(maxsize=8)
+def units(spec: ModelSpec) -> tuple[Unit, ...]:
+    """The conversion units of ``spec`` in order: embedding, layer 0 … layer L-1, head (final norm + output layer)."""
+    b = _Builder(spec)
+    H, Vp, V = spec.hidden, spec.padded_vocab_size, spec.vocab_size
+    b.add("embedding", None, "embedding.word_embeddings.weight", [(EMBEDDING, (V, H))], (Vp, H), "vocab", "vocab")
+    for i in range(spec.num_layers):
+        unit, p = f"layer {i}", f"model.layers.{i}."
+        b.add(unit, i, "self_attention.linear_qkv.layer_norm_weight", [(f"{p}input_layernorm.weight", (H,))], (H,),
+              module="input_layernorm.weight")
+        _attention(b, unit, i, p)
+        b.add(unit, i, "mlp.linear_fc1.layer_norm_weight", [(f"{p}post_attention_layernorm.weight", (H,))], (H,),
+              module="pre_mlp_layernorm.weight")
+        if spec.moe_layers[i]:
+            _moe(b, unit, i, p)
+        else:
+            _glu_mlp(b, unit, i, f"{p}mlp.", "mlp.", spec.ffn, ("gate_proj", "up_proj", "down_proj"))
+    b.add("head", None, "decoder.final_layernorm.weight", [("model.norm.weight", (H,))], (H,))
+    if not spec.tied:
+        b.add("head", None, "output_layer.weight", [(LM_HEAD, (V, H))], (Vp, H), "vocab", "vocab")
+    grouped: dict[str, list[Rule]] = {}
+    for rule in b.rules:
+        grouped.setdefault(rule.unit, []).append(rule)
+    return tuple(Unit(name, tuple(rules)) for name, rules in grouped.items())
+
+
+def rules(spec: ModelSpec) -> tuple[Rule, ...]:
+    """Every rule of ``spec``, in unit order."""
+    return tuple(rule for unit in units(spec) for rule in unit.rules)
+
+
+@lru_cache(maxsize=8)
+def global_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Megatron dist-checkpoint key -> global shape."""
+    return {rule.key: rule.global_shape for rule in rules(spec)}
+
+
+@lru_cache(maxsize=8)
+def rules_by_key(spec: ModelSpec) -> dict[str, tuple[Rule, ...]]:
+    """Megatron key -> its rules (one per leading-axis position that has one)."""
+    out: dict[str, list[Rule]] = {}
+    for rule in rules(spec):
+        out.setdefault(rule.key, []).append(rule)
+    return {key: tuple(group) for key, group in out.items()}
+
+
+_LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+
+
+def extra_state_key(rule: Rule) -> str | None:
+    """The unique key of the ``_extra_state`` object Megatron keeps for the linear layer of ``rule`` (None: none).
+
+    Megatron saves one such ShardedObject per linear layer (``[None]`` without Transformer Engine), keyed
+    ``<module>._extra_state/shard_<offsets>_<shape>`` over the layer/expert axes (``shard_0_1`` when there are none).
+    """
+    if not rule.key.endswith(_LINEAR_WEIGHTS) or rule.key.startswith("output_layer."):
+        return None
+    offsets, shape = (rule.index, rule.axes) if rule.index else ((0,), (1,))
+    base = rule.key[: -len("weight")] + "_extra_state"
+    return f"{base}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
+
+
+def to_mcore(spec: ModelSpec, rule: Rule, hf: list[torch.Tensor]) -> torch.Tensor:
+    """The Megatron tensor [rule.shape] made from the rule's HF tensors (in ``rule.hf`` order)."""
+    if rule.op == "qkv":
+        return interleave_qkv(*hf, spec.num_kv_heads)
+    if rule.op == "glu":
+        return fuse_glu(*hf)
+    if rule.op == "vocab":
+        return pad_vocab(hf[0], spec.padded_vocab_size)
+    return hf[0]
+
+
+def to_hf(spec: ModelSpec, rule: Rule, tensor: torch.Tensor, emit_tied_lm_head: bool = False) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) pairs of the Megatron tensor [rule.shape]; the tied embedding can also be emitted as lm_head."""
+    if rule.op == "qkv":
+        parts = split_qkv(tensor, spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    elif rule.op == "glu":
+        parts = split_glu(tensor)
+    elif rule.op == "vocab":
+        parts = (strip_vocab(tensor, spec.vocab_size),)
+    else:
+        parts = (tensor,)
+    pairs = list(zip(rule.hf, parts))
+    if emit_tied_lm_head and spec.tied and rule.hf == (EMBEDDING,):
+        pairs.append((LM_HEAD, parts[0]))
+    return pairs

@@ -1,0 +1,157 @@
+"""What the converter needs to know about a model, read from its HF config through transformers' config classes.
+
+Families (HF ``model_type``):
+- ``qwen3_moe``: GQA attention with per-head q/k RMSNorm, softmax top-k router, dense layers from ``mlp_only_layers`` /
+  ``decoder_sparse_step``.
+- ``mixtral``: GQA attention, softmax top-k router; checkpoints use the legacy ``block_sparse_moe.experts.e.w1|w3|w2``
+  names (w1 = gate, w3 = up, w2 = down).
+- ``glm4_moe``: the DeepSeek-V3-style MoE (sigmoid router with expert bias ``e_score_correction_bias``, group-limited
+  top-k, shared experts, first-k dense layers) with GQA attention (optional qkv bias and q/k norm).
+``deepseek_v3`` itself is refused: its multi-latent attention (MLA) cannot be built by Megatron-Core 0.16.1 with the
+local (CPU) layer spec, so the DeepSeek-V3-style family is converted with GQA attention (``glm4_moe``).
+
+Vocabulary padding follows Megatron: ``padded = ceil(V / (divisible_by · tp)) · divisible_by · tp``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vespo_megatron.convert.errors import ConversionError
+
+FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
+_MLA_REASON = (
+    "multi-latent attention (MLA) is not supported: Megatron-Core 0.16.1 cannot build MLA with the local (CPU) spec; "
+    "the DeepSeek-V3-style MoE is converted with GQA attention (model_type glm4_moe)"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes and structure of one MoE decoder (H hidden, nh query heads, ng kv groups of head_dim d, E experts)."""
+
+    family: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+    tied: bool
+    moe_layers: tuple[bool, ...]  # [num_layers] True where the layer is an MoE layer
+    num_experts: int
+    ffn: int  # dense-layer intermediate size F
+    moe_ffn: int  # per-expert intermediate size
+    shared_ffn: int  # shared-expert intermediate size (0: none)
+    qk_norm: bool
+    qkv_bias: bool
+    expert_bias: bool  # sigmoid router with e_score_correction_bias
+    stacked: bool  # dist-checkpoint keys with a leading layer axis (homogeneous layers) instead of per-layer keys
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A Megatron parallel layout: tensor, pipeline, expert and expert-tensor parallel sizes (etp None: = tp)."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    def check(self, spec: ModelSpec, config_file: str | Path) -> None:
+        """Raise if the layout cannot hold the model (heads, kv groups, experts, layers, FFN not divisible)."""
+        for name, size in (("tp", self.tp), ("pp", self.pp), ("ep", self.ep), ("etp", self.expert_tp)):
+            if size < 1:
+                raise ConversionError(f"{name}={size} must be >= 1", file=config_file)
+        pairs = [
+            ("num_attention_heads", spec.num_heads, "tp", self.tp),
+            ("num_key_value_heads (kv groups)", spec.num_kv_heads, "tp", self.tp),
+            ("intermediate_size", spec.ffn, "tp", self.tp),
+            ("num_hidden_layers", spec.num_layers, "pp", self.pp),
+        ]
+        if spec.num_experts:
+            pairs += [("num experts", spec.num_experts, "ep", self.ep), ("moe_intermediate_size", spec.moe_ffn, "etp", self.expert_tp)]
+        if spec.shared_ffn:
+            pairs.append(("shared expert intermediate size", spec.shared_ffn, "tp", self.tp))
+        for what, count, name, size in pairs:
+            if count % size:
+                raise ConversionError(f"{name}={size} does not divide {what}={count}", file=config_file)
+
+
+def padded_vocab(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Megatron's padded vocabulary: the next multiple of divisible_by·tp (``--make-vocab-size-divisible-by``)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def load_hf_config(path: str | Path):
+    """The transformers config of an HF directory (its config.json) or of a config.json file."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConversionError("config.json not found", file=file)
+    try:
+        model_type = json.loads(file.read_text()).get("model_type")
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"not valid JSON ({err})", file=file) from err
+    _check_family(model_type, file)
+    return AutoConfig.from_pretrained(str(file.parent) if file.name == "config.json" else str(file))
+
+
+def _check_family(model_type: str | None, file: str | Path) -> None:
+    if model_type == "deepseek_v3":
+        raise ConversionError(f"unsupported architecture model_type='deepseek_v3': {_MLA_REASON}", file=file)
+    if model_type not in FAMILIES:
+        raise ConversionError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(FAMILIES)}", file=file)
+
+
+def _moe_layers(hf, family: str) -> tuple[bool, ...]:
+    n = hf.num_hidden_layers
+    if family == "qwen3_moe":
+        dense = set(hf.mlp_only_layers or [])
+        return tuple(i not in dense and hf.num_local_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0 for i in range(n))
+    if family == "mixtral":
+        return (True,) * n
+    return tuple(i >= hf.first_k_dense_replace for i in range(n))
+
+
+def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = False, config_file: str | Path = "config.json") -> ModelSpec:
+    """The :class:`ModelSpec` of a transformers config (vocabulary padded for ``tp``)."""
+    family = hf.model_type
+    _check_family(family, config_file)
+    dsv3_moe = family == "glm4_moe"
+    moe_layers = _moe_layers(hf, family)
+    if stacked and len(set(moe_layers)) > 1:
+        raise ConversionError("stacked layer keys need homogeneous layers, but dense and MoE layers are mixed", file=config_file)
+    return ModelSpec(
+        family=family,
+        num_layers=hf.num_hidden_layers,
+        hidden=hf.hidden_size,
+        num_heads=hf.num_attention_heads,
+        num_kv_heads=hf.num_key_value_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        vocab_size=hf.vocab_size,
+        padded_vocab_size=padded_vocab(hf.vocab_size, tp, divisible_by),
+        tied=bool(hf.tie_word_embeddings),
+        moe_layers=moe_layers,
+        num_experts=hf.num_local_experts if any(moe_layers) else 0,
+        ffn=hf.intermediate_size,
+        moe_ffn=hf.intermediate_size if family == "mixtral" else hf.moe_intermediate_size,
+        shared_ffn=hf.moe_intermediate_size * hf.n_shared_experts if dsv3_moe and hf.n_shared_experts else 0,
+        qk_norm=family == "qwen3_moe" or bool(getattr(hf, "use_qk_norm", False)),
+        qkv_bias=bool(getattr(hf, "attention_bias", False)),
+        expert_bias=dsv3_moe,
+        stacked=stacked,
+    )
