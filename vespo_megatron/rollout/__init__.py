@@ -1,0 +1,3 @@
+"""Rollouts: SGLang clients (sglang.py), the CPU engine on HF transformers (hf_engine.py) behind SGLang's HTTP
+protocol (server.py, protocol.py, sampling.py), rollout records (records.py) and weight sync to the engine
+(weight_sync.py, weight_names.py)."""
