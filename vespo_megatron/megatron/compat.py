@@ -130,12 +130,10 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _wrap_schedules() -> None:
-    """The pipeline schedules allocate ``torch.zeros(..., device="cuda")``; run each of them under CudaToCpuMode."""
-    from megatron.core.pipeline_parallel import schedules
-
-    for name in _SCHEDULES:
-        fn = getattr(schedules, name)
+def _under_cpu_mode(owner: object, names: tuple[str, ...]) -> None:
+    """Replace ``owner.<name>`` (functions or methods) by wrappers that run them under CudaToCpuMode."""
+    for name in names:
+        fn = getattr(owner, name)
         if getattr(fn, "_vespo_cpu", False):
             continue
 
@@ -145,7 +143,51 @@ def _wrap_schedules() -> None:
 
         wrapped._vespo_cpu = True
         wrapped.__wrapped__ = fn
-        setattr(schedules, name, wrapped)
+        setattr(owner, name, wrapped)
+
+
+def _wrap_schedules() -> None:
+    """The pipeline schedules allocate ``torch.zeros(..., device="cuda")``; run each of them under CudaToCpuMode."""
+    from megatron.core.pipeline_parallel import schedules
+
+    _under_cpu_mode(schedules, _SCHEDULES)
+
+
+def _wrap_optimizers() -> None:
+    """Megatron's optimizers allocate ``device='cuda'`` tensors when built and stepped (scale, overflow buffers)."""
+    import megatron.core.optimizer as optimizer
+    from megatron.core.optimizer.optimizer import ChainedOptimizer, FP32Optimizer, MixedPrecisionOptimizer
+
+    _under_cpu_mode(optimizer, ("get_megatron_optimizer",))
+    _under_cpu_mode(ChainedOptimizer, ("step",))
+    _under_cpu_mode(FP32Optimizer, ("step",))
+    _under_cpu_mode(MixedPrecisionOptimizer, ("step",))
+    _clip_grads_on_cpu()
+
+
+def _clip_grads_on_cpu() -> None:
+    """``clip_grad_by_total_norm_fp32`` asserts CUDA grads; on CPU scale them by max_norm / (norm + 1e-6) if < 1."""
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    original = clip_grads.clip_grad_by_total_norm_fp32
+    if getattr(original, "_vespo_cpu", False):
+        return
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad: bool = False):
+        attr = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+        if any(g.is_cuda for g in grads):
+            return original(parameters, max_norm, total_norm, use_decoupled_grad)
+        coeff = max_norm / (total_norm + 1.0e-6)
+        if coeff < 1.0:
+            for grad in grads:
+                grad.mul_(coeff)
+
+    clip_grad_by_total_norm_fp32._vespo_cpu = True
+    clip_grad_by_total_norm_fp32.__wrapped__ = original
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
 
 
 _SCHEDULES = (
@@ -201,6 +243,17 @@ SHIMS: tuple[Shim, ...] = (
         "schedules-cuda-literals", ">=0.16,<0.17", True,
         tuple(f"megatron.core.pipeline_parallel.schedules:{name}" for name in _SCHEDULES),
         "2d5eea4b416691f9", _wrap_schedules,
+    ),
+    Shim(
+        "optimizer-cuda-literals", ">=0.16,<0.17", True,
+        ("megatron.core.optimizer:get_megatron_optimizer",
+         "megatron.core.optimizer.optimizer:FP32Optimizer.__init__",
+         "megatron.core.optimizer.optimizer:FP32Optimizer.step",
+         "megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.step",
+         "megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.__init__",
+         "megatron.core.optimizer.optimizer:ChainedOptimizer.step",
+         "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32"),
+        "339934591199c12b", _wrap_optimizers,
     ),
     Shim(
         "te-general-gemm-undefined", ">=0.16,<0.17", False,
