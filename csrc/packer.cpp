@@ -51,7 +51,6 @@ class Packer {
     parallel_ranges(L_.cp * (S + 1), L_.cp * L_.t * slot, [&](int64_t k) { return slots(k) * slot; },
                     [&](int64_t begin, int64_t end) {
                       for (int64_t k = begin; k < end; ++k) item(k / (S + 1), static_cast<size_t>(k % (S + 1)));
-                      stream_fence();
                     });
   }
 
@@ -117,7 +116,7 @@ class Packer {
     }
     if (o_.routing) {
       const Span rows = clip(pos, end, 0, n - 1);  // row p: the forward whose input is token p
-      stream_copy(o_.routing + (o + rows.x - pos) * row_, s.routing + rows.x * row_, rows.size() * row_);
+      std::memcpy(o_.routing + (o + rows.x - pos) * row_, s.routing + rows.x * row_, rows.size() * row_);
       const int64_t first_filler = std::max(pos, n - 1);
       fill_routing(o + (first_filler - pos), end - first_filler);
     }

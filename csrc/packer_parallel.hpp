@@ -5,13 +5,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <thread>
 #include <vector>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 namespace packer {
 
@@ -44,29 +39,6 @@ void parallel_ranges(int64_t n, int64_t total_bytes, W&& weight, F&& fn) {
     begin = end;
   }
   for (auto& t : pool) t.join();
-}
-
-// memcpy for large output runs: non-temporal stores where available (the packed output is not read back soon, and
-// streaming skips the read-for-ownership of the destination). Callers end their work with stream_fence().
-inline void stream_copy(uint8_t* dst, const uint8_t* src, int64_t bytes) {
-#if defined(__SSE2__)
-  if (bytes >= 4096) {
-    const int64_t head = (16 - reinterpret_cast<uintptr_t>(dst) % 16) % 16;
-    std::memcpy(dst, src, head);
-    int64_t k = head;
-    for (; k + 16 <= bytes; k += 16)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k)));
-    std::memcpy(dst + k, src + k, bytes - k);
-    return;
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
 }
 
 }  // namespace packer

@@ -108,9 +108,9 @@ def test_threaded_packing_equals_reference():
                rng.integers(0, 64, (p + r - 1, 2, 8)).astype(np.uint8))
         for p, r in rng.integers(1, 8000, (140, 2))
     ]  # ~1.1M tokens: > 8 MiB of validation work and of output, so three threads share each pass
-    threads = _packer.get_num_threads()
+    threads = native.get_num_threads()
     try:
-        _packer.set_num_threads(3)
+        native.set_num_threads(3)
         nat, ref = native.pack(samples, cp=2, sp=2), reference.pack(samples, cp=2, sp=2)
         assert_same_batch(ref, nat)
         values = rng.normal(size=nat.tokens.shape + (4,))
@@ -126,4 +126,4 @@ def test_threaded_packing_equals_reference():
             messages.append(str(err.value))
         assert messages[0] == messages[1] == "sample 5: response: index 3 holds a negative token id"
     finally:
-        _packer.set_num_threads(threads)
+        native.set_num_threads(threads)

@@ -56,3 +56,12 @@ def unpack(batch: PackedBatch, values: np.ndarray) -> list[np.ndarray]:
     check_unpack_values(batch, values)
     flat = _packer.unpack(values, batch.seq_lens, batch.cp, batch.sp, batch.tail_align)
     return split_by_sequence(flat, batch.cu_seqlens)
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads the C++ packer may use (default: the hardware threads); the output does not depend on it."""
+    _packer.set_num_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    return _packer.get_num_threads()
