@@ -127,9 +127,15 @@ class DcpCheckpoint:
         except Exception as err:
             raise ConversionError(f"cannot read the checkpoint metadata: {err}", file=self.dir / ".metadata") from err
         self.reader.set_up_storage_reader(self.metadata, True)
-        for info in self.metadata.storage_data.values():
-            if not (self.dir / info.relative_path).is_file():
-                raise ConversionError(f"data file {info.relative_path!r} named by the metadata does not exist", file=self.dir / ".metadata")
+        sizes: dict[str, int] = {}
+        for index, info in self.metadata.storage_data.items():
+            path = self.dir / info.relative_path
+            if info.relative_path not in sizes:
+                if not path.is_file():
+                    raise ConversionError("data file named by the metadata does not exist", file=path, tensor=index.fqn)
+                sizes[info.relative_path] = path.stat().st_size
+            if info.offset + info.length > sizes[info.relative_path]:
+                raise ConversionError("data file is truncated: the tensor's bytes lie past its end", file=path, tensor=index.fqn)
         self.tensors = {
             key: (tuple(md.size), md.properties.dtype)
             for key, md in self.metadata.state_dict_metadata.items()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,21 @@ class TensorInfo:
     dtype: str  # safetensors dtype tag (F32, BF16, …)
 
 
-def _read_header(path: Path) -> dict[str, TensorInfo]:
+def _damaged_tensor(path: Path) -> str | None:
+    """The first tensor whose bytes lie past the end of a truncated safetensors file (None: header unreadable)."""
+    try:
+        with open(path, "rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(length))
+        available = path.stat().st_size - 8 - length
+        ends = sorted((info["data_offsets"][1], name) for name, info in header.items() if name != "__metadata__")
+        return next((name for end, name in ends if end > available), None)
+    except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError):
+        return None
+
+
+def _read_header(path: Path, listed: str | None = None) -> dict[str, TensorInfo]:
+    """name -> TensorInfo from the header of ``path``; ``listed`` names a tensor the index puts in it (for errors)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {
@@ -38,7 +53,9 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
                 for name in handle.keys()
             }
     except Exception as err:  # safetensors raises its own error types for bad headers and sizes
-        raise ConversionError(f"not a readable safetensors file (truncated or corrupt?): {err}", file=path) from err
+        damaged = _damaged_tensor(path)
+        what = "truncated (data past the end of the file)" if damaged else "corrupt (unreadable header)"
+        raise ConversionError(f"safetensors file is {what}: {err}", file=path, tensor=damaged or listed) from err
 
 
 class HfCheckpoint:
@@ -68,7 +85,8 @@ class HfCheckpoint:
             if not (self.dir / name).is_file():
                 first = next(t for t, f in weight_map.items() if f == name)
                 raise ConversionError(f"the index names file {name!r}, which does not exist", file=index, tensor=first)
-        headers = {name: _read_header(self.dir / name) for name in self.files}
+        first = {file: tensor for tensor, file in reversed(list(weight_map.items()))}
+        headers = {name: _read_header(self.dir / name, first[name]) for name in self.files}
         for tensor, file in weight_map.items():
             if tensor not in headers[file]:
                 raise ConversionError(f"listed in {INDEX} but not present in the file", file=self.dir / file, tensor=tensor)

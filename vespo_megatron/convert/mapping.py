@@ -234,5 +234,5 @@ def to_hf(spec: ModelSpec, rule: Rule, tensor: torch.Tensor, emit_tied_lm_head: 
         parts = (tensor,)
     pairs = list(zip(rule.hf, parts))
     if emit_tied_lm_head and spec.tied and rule.hf == (EMBEDDING,):
-        pairs.append((LM_HEAD, parts[0]))
+        pairs.append((LM_HEAD, parts[0].clone()))  # its own storage: safetensors refuses shared tensors
     return pairs
