@@ -6,6 +6,7 @@ ext_modules = [
     Pybind11Extension(
         "vespo_megatron._packer",
         ["csrc/packer.cpp"],
+        depends=["csrc/packer_layout.hpp", "csrc/packer_parallel.hpp", "csrc/packer_samples.hpp"],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

@@ -1,0 +1,72 @@
+"""Launch a training run: the CPU rollout engine behind the SGLang protocol (unless a server URL is given), then
+the trainer on N gloo ranks (``spawn``) or, under torchrun/slurm, on the ranks already started."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from contextlib import ExitStack
+from typing import Optional
+
+from tqdm import tqdm
+
+from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.logger import MetricsLogger
+
+
+def default_world_size(cfg: TrainConfig) -> int:
+    """The smallest world for the layout: pp · lcm(tp, ep) (expert tensor parallel 1)."""
+    return cfg.pipeline_model_parallel_size * math.lcm(cfg.tensor_model_parallel_size, cfg.expert_model_parallel_size)
+
+
+def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None, quiet: bool = False) -> list:
+    """The loop on one rank; returns [(iteration, metrics)] on rank 0."""
+    from vespo_megatron.train.trainer import Trainer
+
+    trainer = Trainer(cfg, mcore_checkpoint)
+    logger = MetricsLogger(cfg.log_dir, cfg.wandb_project, dataclasses.asdict(cfg)) if rank == 0 else None
+    history = []
+    bar = tqdm(total=cfg.train_iters, initial=trainer.iteration, desc="train", disable=rank != 0 or quiet,
+               dynamic_ncols=True)
+    try:
+        while trainer.iteration < cfg.train_iters:
+            result = trainer.step()
+            if rank == 0:
+                history.append((result.iteration, result.metrics))
+                logger.log(result.iteration, result.metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{result.metrics['reward_mean']:.3f}", loss=f"{result.metrics['loss']:.4f}")
+                if not quiet:
+                    tqdm.write(MetricsLogger.line(result.iteration, result.metrics))
+            if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
+                trainer.save()
+        if cfg.save and not (cfg.save_interval and trainer.iteration % cfg.save_interval == 0):
+            trainer.save()
+    finally:
+        bar.close()
+        trainer.close()
+        if logger:
+            logger.close()
+    return history
+
+
+def run_training(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoint: Optional[str] = None,
+                 quiet: bool = False) -> list:
+    """Start the engine if needed and train; returns rank 0's history [(iteration, metrics)]."""
+    cfg.validate()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
+        return train_worker(int(os.environ["RANK"]), cfg, mcore_checkpoint, quiet)
+    from transformers.utils import logging as hf_logging
+
+    from vespo_megatron.megatron.parallel import spawn
+
+    hf_logging.disable_progress_bar()  # the engine reloads weights every step
+    with ExitStack() as stack:
+        if cfg.sglang_url is None:
+            from vespo_megatron.rollout.hf_engine import HFEngine
+            from vespo_megatron.rollout.server import RolloutServer
+
+            engine = HFEngine.from_pretrained(cfg.hf_checkpoint, dtype=cfg.engine_dtype)
+            server = stack.enter_context(RolloutServer(engine))
+            cfg = dataclasses.replace(cfg, sglang_url=server.url)
+        return spawn(train_worker, world_size or default_world_size(cfg), cfg, mcore_checkpoint, quiet)[0]

@@ -1,0 +1,228 @@
+"""The RL loop on every rank: rollouts -> rewards -> GRPO advantages -> packer -> old log-probs -> N updates -> sync.
+
+Rank 0 talks to the rollout engine (an SGLang server, or our CPU engine behind the same protocol) and broadcasts
+each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) into label-aligned
+micro-batches of its TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
+optimizer step normalised by its own response-token count (exact global token-mean). Routing replay: ``r2``
+records π_old's experts in the old-log-prob pass and replays them in the updates; ``r3`` replays the engine's.
+After the N updates the Megatron weights go to the engine (converter's in-memory Megatron -> HF path) and the
+engine's weight version is checked.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import optimizer as megatron_optimizer
+from safetensors import safe_open
+
+from vespo_megatron.convert.inmemory import hf_to_mcore_tensors, mcore_to_hf_tensors
+from vespo_megatron.convert.spec import load_hf_config, model_spec
+from vespo_megatron.megatron.batch import MicroBatch, micro_batch
+from vespo_megatron.megatron.loss import LossSettings
+from vespo_megatron.megatron.model import build_model, moe_layer_pattern, num_experts
+from vespo_megatron.megatron.parallel import init_parallel
+from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
+from vespo_megatron.megatron.weights import export_global, load_global
+from vespo_megatron.objectives.advantages import grpo_advantages
+from vespo_megatron.objectives.config import PolicyLossConfig
+from vespo_megatron.packing import pack, plan_micro_batches
+from vespo_megatron.routing.replay import RoutingReplay
+from vespo_megatron.routing.trace import TraceSpec
+from vespo_megatron.train import checkpoint
+from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
+from vespo_megatron.train.task import EOS, RepeatTask
+
+
+@dataclass
+class StepResult:
+    iteration: int
+    metrics: dict[str, float]
+
+
+def _hf_tensors_getter(hf_dir: str):
+    """get(name) over the safetensors files of an HF directory (opened lazily, one handle per file)."""
+    root = Path(hf_dir)
+    index = root / "model.safetensors.index.json"
+    files = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+    handles: dict[str, Any] = {}
+
+    def get(name: str) -> torch.Tensor:
+        file = files[name] if files else "model.safetensors"
+        if file not in handles:
+            handles[file] = safe_open(str(root / file), framework="pt")
+        return handles[file].get_tensor(name)
+
+    return get
+
+
+class Trainer:
+    """One rank's share of the RL run described by ``cfg`` (call inside a process of the training world)."""
+
+    def __init__(self, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None) -> None:
+        self.cfg = cfg.validate()
+        init_parallel(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
+                      ep=cfg.expert_model_parallel_size, etp=1, seed=cfg.seed)
+        self.hf = load_hf_config(cfg.hf_checkpoint)
+        self.spec = model_spec(self.hf)
+        self.model = build_model(self.hf, dtype=torch.float32, routing_replay=cfg.routing_replay != "off")
+        if mcore_checkpoint:
+            state = dist_checkpointing.load(self.model.sharded_state_dict(), mcore_checkpoint)
+            self.model.load_state_dict(state, strict=False)
+        else:
+            load_global(self.model, dict(hf_to_mcore_tensors(self.spec, _hf_tensors_getter(cfg.hf_checkpoint))))
+        self.ddp = wrap_ddp(self.model)
+        self.optimizer = megatron_optimizer.get_megatron_optimizer(megatron_optimizer.OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, params_dtype=torch.float32), [self.ddp])
+        self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
+        self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
+                                     exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
+                                     hparams=PolicyLossConfig(**cfg.hparams))
+        pattern = moe_layer_pattern(self.hf)
+        self.moe_layers = [i for i, flag in enumerate(pattern) if flag]
+        self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
+        self.iteration, self.version = 0, 0
+        if cfg.load:
+            meta = checkpoint.load(cfg.load, self.model, self.optimizer, self.hf)
+            self.iteration, self.version = meta["iteration"], meta["version"]
+        self.rank = dist.get_rank()
+        self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
+        self.client = self.source = None
+        self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
+        if self.rank == 0:
+            from vespo_megatron.rollout.sglang import SGLangClient
+
+            self.client = SGLangClient(cfg.sglang_url, routing=self.trace_spec)
+            self.client.wait_until_healthy(timeout_s=120)
+        self.sync_weights()  # the engine starts from the (possibly resumed) training weights
+        if self.rank == 0:
+            sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                        "stop_token_ids": [EOS]}
+            produce = make_producer(self.client, self.task, rollout_batch_size=cfg.rollout_batch_size,
+                                    n=cfg.n_samples_per_prompt, sampling=sampling, seed=cfg.seed,
+                                    routing=cfg.routing_replay == "r3")
+            self.source = (AsyncRollouts(produce, self.iteration, cfg.max_lag, lambda: self.version)
+                           if cfg.async_rollout else SyncRollouts(produce))
+
+    # ------------------------------------------------------------------------------------------------ one step
+    def _broadcast(self, batch: Optional[RolloutBatch]) -> RolloutBatch:
+        box = [batch]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _mini_batches(self, batch: RolloutBatch, advantages: np.ndarray) -> list[list[MicroBatch]]:
+        cfg = self.cfg
+        samples = batch.samples(advantages, self.moe_layers, with_routing=cfg.routing_replay == "r3")
+        size = len(samples) // cfg.num_mini_batches
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        minis = []
+        for k in range(cfg.num_mini_batches):
+            chunk = samples[k * size:(k + 1) * size]
+            lens = [len(s.prompt) + len(s.response) for s in chunk]
+            plan = plan_micro_batches(lens, dp, micro_batch_size=max(1, cfg.micro_batch_size))
+            tokens = float(sum(len(s.response) for s in chunk))
+            mbs = []
+            for ids in plan.micro_batches[dp_rank]:
+                mb = micro_batch(pack([chunk[i] for i in ids], cp=1, sp=tp, sample_ids=ids), 0, tp_rank)
+                mb.global_tokens, mb.global_seqs = tokens, float(len(chunk))
+                mbs.append(mb)
+            minis.append(mbs)
+        return minis
+
+    def _lr(self) -> float:
+        warm = self.cfg.lr_warmup_steps
+        return self.cfg.lr * min(1.0, (self.version + 1) / warm) if warm else self.cfg.lr
+
+    def step(self) -> StepResult:
+        cfg, it = self.cfg, self.iteration
+        batch = self._broadcast(self.source.get(it, self.version) if self.rank == 0 else None)
+        advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
+        minis = self._mini_batches(batch, advantages)
+        flat = [mb for mbs in minis for mb in mbs]
+        if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
+            with self._phase("old_logprob", flat):
+                olds = old_log_probs(self.ddp, flat)
+            for mb, old in zip(flat, olds):
+                mb.old_log_prob = old
+        metrics: list[dict] = []
+        grad_norms = []
+        offset = 0
+        for mbs in minis:
+            zero_grads(self.ddp)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr()
+            with self._phase("update", mbs, offset):
+                metrics += forward_backward(self.ddp, mbs, self.settings)
+            ok, grad_norm, _ = self.optimizer.step()
+            if not ok:
+                raise RuntimeError(f"iteration {it}: optimizer step failed (non-finite gradients)")
+            grad_norms.append(float(grad_norm))
+            offset += len(mbs)
+        self.version += 1
+        self.iteration += 1
+        self.sync_weights()
+        return StepResult(it, self._reduce_metrics(batch, metrics, grad_norms))
+
+    def _phase(self, name: str, mbs: list[MicroBatch], offset: int = 0):
+        if self.replay is None:
+            return contextlib.nullcontext()
+        routing = [mb.routing for mb in mbs] if self.cfg.routing_replay == "r3" else None
+        return self.replay.phase(name, routing, first_micro=offset)
+
+    def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
+        report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        local = {"loss": sum(float(m["loss"]) for m in metrics), "tokens": sum(float(m["response_tokens"]) for m in metrics),
+                 "entropy_sum": sum(float(m["entropy_sum"]) for m in metrics)} if report else None
+        means = {k: float(np.mean([m[k] for m in metrics])) for k in (metrics[0] if metrics else {})
+                 if k.startswith("vespo/") and isinstance(metrics[0][k], float)} if report else None
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (local, means))
+        parts = [g for g in gathered if g[0] is not None]
+        tokens = sum(p[0]["tokens"] for p in parts)
+        out = {
+            "loss": sum(p[0]["loss"] for p in parts) / self.cfg.num_mini_batches,
+            "entropy": sum(p[0]["entropy_sum"] for p in parts) / max(tokens, 1.0),
+            "reward_mean": float(np.mean(batch.rewards)),
+            "response_len_mean": float(np.mean([len(r.response_ids) for r in batch.records])),
+            "grad_norm": float(np.mean(grad_norms)),
+            "lr": self._lr(),
+            "policy_lag": float(self.version - 1 - batch.version),
+        }
+        if parts and parts[0][1]:
+            out.update({k: float(np.mean([p[1][k] for p in parts])) for k in parts[0][1]})
+        if self.replay is not None:
+            out.update(self.replay.health.pop(dist.group.WORLD))
+        return out
+
+    # ----------------------------------------------------------------------------------------- weights, saving
+    def sync_weights(self) -> None:
+        """Megatron -> HF names -> engine (disk or tensor update), then check the engine's weight version."""
+        from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
+
+        tensors = export_global(self.model)
+        if self.rank == 0:
+            named = list(mcore_to_hf_tensors(self.spec, tensors))
+            version = f"v{self.version}"
+            push_weights(self.client, named, version, via=self.cfg.weight_sync, hf_config=self.hf,
+                         staging_dir=self._staging)
+            verify_weights(self.client, version=version)
+
+    def save(self) -> None:
+        checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf)
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+        if self.replay is not None:
+            self.replay.remove()
