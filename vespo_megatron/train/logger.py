@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 SHOWN = ("reward_mean", "loss", "response_len_mean", "entropy", "grad_norm", "vespo/w_seq_mean", "vespo/phi_mean",
-         "replay/differ_frac", "policy_lag")
+         "routing_replay/differ_frac", "policy_lag")
 
 
 class MetricsLogger:

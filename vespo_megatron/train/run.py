@@ -50,10 +50,29 @@ def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = 
     return history
 
 
+def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
+    """Every check that can fail before any work: config, HF checkpoint, resume checkpoint, engine, world size."""
+    from vespo_megatron.convert.spec import load_hf_config
+    from vespo_megatron.train import checkpoint
+
+    cfg.validate()
+    hf = load_hf_config(cfg.hf_checkpoint)
+    if cfg.load:
+        checkpoint.check_compatible(cfg.load, hf)
+    world = world_size or default_world_size(cfg)
+    if world % default_world_size(cfg):
+        raise ValueError(f"--nproc {world} is not a multiple of pp·lcm(tp, ep) = {default_world_size(cfg)}")
+    if cfg.sglang_url is not None:
+        from vespo_megatron.rollout.sglang import SGLangClient
+
+        if not SGLangClient(cfg.sglang_url, timeout_s=5.0, max_retries=0).health():
+            raise ConnectionError(f"--sglang-url {cfg.sglang_url}: the rollout engine is unreachable or unhealthy")
+
+
 def run_training(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoint: Optional[str] = None,
                  quiet: bool = False) -> list:
     """Start the engine if needed and train; returns rank 0's history [(iteration, metrics)]."""
-    cfg.validate()
+    preflight(cfg, world_size)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
         return train_worker(int(os.environ["RANK"]), cfg, mcore_checkpoint, quiet)
     from transformers.utils import logging as hf_logging

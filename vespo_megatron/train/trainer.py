@@ -177,8 +177,10 @@ class Trainer:
     def _phase(self, name: str, mbs: list[MicroBatch], offset: int = 0):
         if self.replay is None:
             return contextlib.nullcontext()
-        routing = [mb.routing for mb in mbs] if self.cfg.routing_replay == "r3" else None
-        return self.replay.phase(name, routing, first_micro=offset)
+        if self.cfg.routing_replay == "r3":
+            return self.replay.phase(name, [mb.routing for mb in mbs])
+        # r2: the old-log-prob pass recorded every micro-batch of the step; update k replays from its offset
+        return self.replay.phase(name, None, first_micro=offset) if name == "update" else self.replay.phase(name)
 
     def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
         report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
