@@ -4,7 +4,7 @@ The trace of a micro-batch is a stream of per-sequence routing rows (:class:`~ve
 PackedTrace`: rows_i = n_i − 1 from SGLang, or n_i when recorded for every token). Rows go through exactly the map of
 the tokens — :func:`vespo_megatron.packing.layout.source_index` with segments [0, rows_i) — then the SP slice of the
 local pack, then the columns of this pipeline stage's MoE layers. A slot without a row (every pad; the last token of
-an SGLang sample) gets the filler row 0..k−1: k distinct valid ids, as the all-to-all dispatcher requires.
+an SGLang sample) gets the packer's filler row 0..k−1: k distinct valid ids, as the all-to-all dispatcher needs.
 
 Shapes: T = t/sp local router rows, L_local = MoE layers of this stage, k = topk.
 """
@@ -15,7 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from vespo_megatron.packing.layout import PackLayout, source_index, take
+from vespo_megatron.packing.batch import PackedBatch
+from vespo_megatron.packing.layout import PackLayout, build_layout, source_index, take
+from vespo_megatron.packing.reference import filler_row
 from vespo_megatron.routing.trace import PackedTrace
 
 
@@ -37,11 +39,6 @@ class LocalTrace:
     def has_row(self) -> np.ndarray:
         """[T] bool, slots whose routing comes from the trace (not the filler)."""
         return self.index >= 0
-
-
-def filler_row(topk: int) -> np.ndarray:
-    """[k] the ids given to slots without a trace row: 0..k−1 (distinct and valid for any E ≥ k)."""
-    return np.arange(topk)
 
 
 def row_index(trace: PackedTrace, layout: PackLayout) -> np.ndarray:
@@ -67,10 +64,19 @@ def shard(
         raise ValueError(f"rank (cp {cp_rank}, sp {sp_rank}) outside the layout's cp={layout.cp}, sp={layout.sp}")
     lo, hi = layout.sp_bounds[sp_rank], layout.sp_bounds[sp_rank + 1]
     index = row_index(trace, layout)[cp_rank, lo:hi]
-    ids = take(trace.ids, index, filler_row(trace.spec.topk))
+    spec = trace.spec
+    ids = take(trace.ids, index, filler_row(spec.num_moe_layers, spec.topk, trace.ids.dtype))
     if columns != tuple(range(trace.spec.num_moe_layers)):
         ids = ids[:, list(columns)]
     return LocalTrace(ids, index, columns, trace.spec.num_experts)
+
+
+def batch_shard(
+    trace: PackedTrace, batch: PackedBatch, cp_rank: int, sp_rank: int, layer_columns: Sequence[int]
+) -> LocalTrace:
+    """:func:`shard` for a packer micro-batch: ``trace`` is indexed by sample id (``batch.sample_ids``)."""
+    layout = build_layout(batch.seq_lens, batch.cp, batch.sp, batch.tail_align)
+    return shard(trace.select(batch.sample_ids), layout, cp_rank, sp_rank, layer_columns)
 
 
 def unshard(pieces: Sequence[LocalTrace], num_rows: int, num_layers: int) -> np.ndarray:

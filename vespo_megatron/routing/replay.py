@@ -1,0 +1,276 @@
+"""Routing replay in Megatron-Core's MoE routers: off, R2 (record π_old's experts, replay them in every update) and
+R3 (replay the rollout engine's experts in the old-log-prob pass and the updates).
+
+Hook: megatron-core ≥ 0.16 routes the top-k of ``TopKRouter.routing`` through ``router.router_replay
+.get_replay_topk(scores, topk, num_groups, group_topk, default_compute_topk)`` (``moe_utils.
+topk_routing_with_score_function``). We put our own :class:`_RouterSlot` in that attribute of each router found by
+walking THIS model's modules (MTP layers excluded), so nothing goes through megatron's process-global instance list.
+
+Replay keeps the expert SET and recomputes the gate weights from the live router: for target ids I [T, k],
+probs = scores.gather(1, I) of the FULL scores (softmax: logits, then softmax over the k gathered; sigmoid + expert
+bias: megatron re-gathers the unbiased sigmoid scores at I and normalises), so ∂loss/∂W_router flows through every
+replayed expert, also one outside today's live top-k. A row whose target is −1 takes the live top-k: a missing
+trace entry (counted as fallen back) and every slot without a trace row (pads, the last token of an SGLang sample;
+not counted). Routing those live keeps the routing of a model replaying its own trace identical to its live routing
+everywhere, so its log-probs are bit-identical (a filler routing of pads would change the experts' GEMM batches).
+
+Micro-batches: a forward pre-hook on each model chunk advances that chunk's micro-batch cursor (any PP schedule runs
+a chunk's forwards in micro-batch order). Activation recomputation re-runs routers inside backward; a router call
+with grad disabled outside backward (checkpointed forward, forward-only pass) queues its target, and a call inside
+backward pops the oldest one (backward runs micro-batches in forward order). Every :meth:`RoutingReplay.phase`
+clears these queues and targets on exit, forward-only passes included.
+
+Router rows are the router input [s/tp, b=1, h] flattened (this rank's SP slice of its CP pack), i.e. exactly the
+rows of a :class:`~vespo_megatron.routing.shard.LocalTrace`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vespo_megatron.routing.args import REPLAY_MODES
+from vespo_megatron.routing.health import ReplayHealth, same_set
+from vespo_megatron.routing.shard import LocalTrace
+from vespo_megatron.routing.trace import TraceSpec
+
+PHASES = ("old_logprob", "update")
+Routing = LocalTrace | np.ndarray  # a LocalTrace, or [T, num_moe_layers, k] with every trace column
+
+
+def _in_backward() -> bool:
+    """True inside an autograd backward pass (where activation recomputation re-runs the forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def find_routers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE routers of the decoder of ``chunk`` (wrappers allowed), in module order; MTP layers excluded."""
+    routers = []
+    for name, module in chunk.named_modules():
+        if not all(hasattr(module, attr) for attr in ("routing", "topk", "layer_number", "config")):
+            continue
+        if "mtp" in name.split("."):  # MTP layers restart layer_number at 1: they are not trace layers
+            continue
+        if not hasattr(module, "router_replay"):
+            raise RuntimeError(f"{name}: this megatron-core has no routing-replay hook (needs >= 0.16)")
+        if module.config.moe_router_fusion:
+            raise ValueError(f"{name}: moe_router_fusion=True bypasses the routing-replay hook; disable it")
+        if getattr(module, "routing_type", None) == "sinkhorn":
+            raise ValueError(f"{name}: sinkhorn routing has no routing-replay hook")
+        routers.append(module)
+    return routers
+
+
+def compact_dtype(num_experts: int) -> torch.dtype:
+    """Narrowest torch dtype holding expert ids < num_experts (R2 recordings)."""
+    return torch.uint8 if num_experts <= 256 else torch.int16 if num_experts <= 32768 else torch.int32
+
+
+class _RouterSlot:
+    """Sits in ``router.router_replay`` of one MoE layer (trace column ``column``)."""
+
+    def __init__(self, column: int, num_experts: int, health: ReplayHealth) -> None:
+        self.column, self.num_experts, self.health = column, num_experts, health
+        self.action: Optional[str] = None  # None (live), "record" or "replay"
+        self.target: Optional[torch.Tensor] = None  # [T, k] int64, −1 = route live
+        self.has_row: Optional[torch.Tensor] = None  # [T] bool, rows that count in the health metrics
+        self.missing: Optional[torch.Tensor] = None  # [T] bool rows routed live, or None when there is none
+        self.recompute: deque = deque()
+        self.recorded: list[torch.Tensor] = []  # R2: [T, k] compact, one per micro-batch forward
+
+    def set_target(self, target: torch.Tensor, has_row: Optional[torch.Tensor]) -> None:
+        """target [T, k] int64 (−1: route live); has_row [T] bool, rows that count in the health (None: all)."""
+        live = target[:, 0] < 0
+        self.target, self.has_row = target, has_row
+        self.missing = live if bool(live.any()) else None
+
+    def clear(self) -> None:
+        self.action = self.target = self.has_row = self.missing = None
+        self.recompute.clear()
+
+    def get_replay_topk(
+        self,
+        scores: torch.Tensor,
+        topk: int,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        default_compute_topk: Optional[Callable] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Megatron's hook: (values, ids [T, k]) for ``scores`` [T, E]."""
+        live = lambda: default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)  # noqa: E731
+        if self.action is None:
+            return live()
+        backward = _in_backward()
+        if self.action == "record":
+            values, ids = live()
+            if not backward:
+                self.recorded.append(ids.detach().to(compact_dtype(self.num_experts)))
+            return values, ids
+        if backward:
+            if not self.recompute:
+                raise RuntimeError(f"routing replay, trace column {self.column}: a recomputed router has no queued "
+                                   "target (was the forward run outside RoutingReplay.phase?)")
+            target, has_row, missing = self.recompute.popleft()
+        else:
+            if self.target is None:
+                raise RuntimeError(f"routing replay, trace column {self.column}: no routing installed for this "
+                                   "micro-batch")
+            target, has_row, missing = self.target, self.has_row, self.missing
+            if not torch.is_grad_enabled():
+                self.recompute.append((target, has_row, missing))
+        if target.shape != (scores.shape[0], topk):
+            raise ValueError(f"routing replay, trace column {self.column}: the trace has {tuple(target.shape)} "
+                             f"rows x ids, the router sees {scores.shape[0]} tokens x topk {topk}")
+        target = target.to(scores.device)
+        count = not backward
+        if count or missing is not None:
+            live_ids = live()[1]
+        ids = target if missing is None else torch.where(missing[:, None].to(scores.device), live_ids, target)
+        if count:
+            rows = torch.ones_like(ids[:, 0], dtype=torch.bool) if has_row is None else has_row.to(scores.device)
+            fallen = torch.zeros_like(rows) if missing is None else rows & missing.to(scores.device)
+            self.health.add(self.column, rows & ~fallen, fallen, ~same_set(ids, live_ids))
+        return scores.gather(1, ids), ids
+
+
+class RoutingReplay:
+    """Routing replay for one model (a module or a list of virtual-pipeline chunks) on this rank.
+
+    Usage per RL step (``routing`` holds one entry per micro-batch, in forward order)::
+
+        replay = RoutingReplay(model, "r3")
+        with replay.phase("old_logprob", routing):   # r2: records; r3: replays the rollout's experts
+            old_log_probs(model, micro_batches)
+        with replay.phase("update", routing):        # r2: replays the recording (routing unused); r3 replays
+            forward_backward(model, micro_batches, settings)
+        metrics = replay.health.pop(group)
+    """
+
+    def __init__(self, model: torch.nn.Module | Sequence[torch.nn.Module], mode: str) -> None:
+        if mode not in REPLAY_MODES:
+            raise ValueError(f"routing replay mode {mode!r} is not one of {REPLAY_MODES}")
+        self.mode = mode
+        self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        routers = [find_routers(chunk) for chunk in self.chunks]
+        first = next((r[0] for r in routers if r), None)
+        if first is None:
+            raise ValueError("routing replay: the model has no MoE router on this rank")
+        self.spec = TraceSpec.from_transformer_config(first.config)
+        self.health = ReplayHealth(self.spec.moe_layers)
+        self._slots: list[list[_RouterSlot]] = []
+        self._originals: list[tuple[torch.nn.Module, Any]] = []
+        self._hooks = []
+        self.layer_columns: list[int] = []  # trace column of every local router, all chunks, in order
+        for routers_of_chunk in routers:
+            slots = []
+            for router in routers_of_chunk:
+                column = self._column(router)
+                slot = _RouterSlot(column, self.spec.num_experts, self.health)
+                if mode != "off":
+                    self._originals.append((router, router.router_replay))
+                    router.router_replay = slot
+                slots.append(slot)
+                self.layer_columns.append(column)
+            self._slots.append(slots)
+        self._routing: Optional[Sequence[Routing]] = None
+        self._phase: Optional[str] = None
+        self._cursor = [0] * len(self.chunks)
+        if mode != "off":
+            self._hooks = [chunk.register_forward_pre_hook(self._hook(ci)) for ci, chunk in enumerate(self.chunks)]
+
+    def _column(self, router: torch.nn.Module) -> int:
+        hf_layer = router.layer_number - 1  # Megatron layer_number is global and 1-based, in HF layer order
+        if hf_layer not in self.spec.moe_layers:
+            raise ValueError(f"router of Megatron layer {router.layer_number} is not an MoE layer of the config "
+                             f"(MoE HF layers {self.spec.moe_layers})")
+        if router.topk != self.spec.topk or router.config.num_moe_experts != self.spec.num_experts:
+            raise ValueError(f"router of layer {router.layer_number}: topk/experts differ from the model config")
+        return self.spec.moe_layers.index(hf_layer)
+
+    def remove(self) -> None:
+        """Give every router its previous ``router_replay`` back and drop the hooks."""
+        for router, original in self._originals:
+            router.router_replay = original
+        for hook in self._hooks:
+            hook.remove()
+        self._originals, self._hooks = [], []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, routing: Optional[Sequence[Optional[Routing]]] = None) -> Iterator["RoutingReplay"]:
+        """One pass over the micro-batches: ``old_logprob`` (forward only) or ``update`` (forward + backward)."""
+        if name not in PHASES:
+            raise ValueError(f"phase {name!r} is not one of {PHASES}")
+        if self._phase is not None:
+            raise RuntimeError(f"routing replay: phase {name!r} started inside phase {self._phase!r}")
+        if self.mode == "r3" and routing is None:
+            raise ValueError("r3 needs the rollout routing of every micro-batch")
+        recording = self.mode == "r2" and name == "old_logprob"
+        for slots in self._slots:
+            for slot in slots:
+                slot.clear()
+                slot.action = None if self.mode == "off" else "record" if recording else "replay"
+                if recording:
+                    slot.recorded = []
+        self._phase, self._routing, self._cursor = name, routing, [0] * len(self.chunks)
+        try:
+            yield self
+        finally:
+            for slots in self._slots:
+                for slot in slots:
+                    slot.clear()
+            self._phase, self._routing = None, None
+
+    def _hook(self, chunk_index: int) -> Callable:
+        def pre_forward(module: torch.nn.Module, args: Any) -> None:
+            if self._phase is None:
+                return  # live routing outside a phase (evaluation, tests)
+            micro = self._cursor[chunk_index]
+            self._cursor[chunk_index] += 1
+            self._install(chunk_index, micro)
+
+        return pre_forward
+
+    def _install(self, chunk_index: int, micro: int) -> None:
+        slots = self._slots[chunk_index]
+        if not slots or slots[0].action != "replay":
+            return
+        if self.mode == "r2":
+            for slot in slots:
+                if micro >= len(slot.recorded):
+                    raise RuntimeError(f"r2: update micro-batch {micro} has no recording (the old-log-prob pass "
+                                       f"recorded {len(slot.recorded)})")
+                slot.set_target(slot.recorded[micro].long(), None)
+            return
+        if micro >= len(self._routing):
+            raise RuntimeError(f"r3: forward of micro-batch {micro}, routing given for {len(self._routing)}")
+        targets, has_row = self._local_targets(self._routing[micro], [slot.column for slot in slots], micro)
+        for slot, target in zip(slots, targets):
+            slot.set_target(target, has_row)
+
+    def _local_targets(
+        self, routing: Optional[Routing], columns: list[int], micro: int
+    ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+        """Per router [T, k] int64 (−1 = route live: the missing code, slots without a row) and the [T] has-row mask."""
+        if routing is None:
+            raise ValueError(f"r3: micro-batch {micro} has no routing")
+        if isinstance(routing, LocalTrace):
+            have = list(routing.layer_columns)
+            absent = [c for c in columns if c not in have]
+            if absent:
+                raise ValueError(f"r3: micro-batch {micro}: the trace shard lacks MoE layers "
+                                 f"{[self.spec.moe_layers[c] for c in absent]} of this stage")
+            ids, positions = routing.ids, [have.index(c) for c in columns]
+            has_row = torch.from_numpy(routing.has_row)
+        else:
+            ids, positions, has_row = np.asarray(routing), columns, None
+            if ids.ndim != 3 or ids.shape[1] != self.spec.num_moe_layers:
+                raise ValueError(f"r3: micro-batch {micro}: routing of shape {ids.shape}, expected "
+                                 f"[tokens, {self.spec.num_moe_layers}, {self.spec.topk}]")
+        local = torch.from_numpy(np.ascontiguousarray(ids[:, positions])).long()  # [T, L_local, k]
+        local.masked_fill_(local >= self.spec.num_experts, -1)
+        if has_row is not None:
+            local[~has_row] = -1
+        return list(local.unbind(dim=1)), has_row
