@@ -1,0 +1,59 @@
+# Sourced by train_torchrun.sh and train_slurm.sbatch: the paper's Qwen3-30B-A3B setup as `vespo-megatron train`
+# flags (VESPO arXiv 2602.10693: lr 1e-6 constant, Adam (0.9, 0.999), wd 0.01, grad clip 1.0, 8 responses per
+# prompt, mini-batches of 256 prompts, 1 epoch, TP 2 / EP 8). Only assignments here: sourcing has no side effects.
+
+HF_DIR=${HF_DIR:-/ckpt/Qwen3-30B-A3B-Base}          # HF config (+ the weights when MCORE_DIR is not given)
+WORK=${WORK:-/shared/vespo}                           # a filesystem every node and the SGLang host can read
+MCORE_DIR=${MCORE_DIR:-$WORK/mcore/qwen3-30b-a3b}     # written by convert.sh
+SGLANG_URL=${SGLANG_URL:-http://sglang-host:30000}    # launch_sglang.sh
+N=${N:-16}                                            # staleness N = gbs/mbs: 4, 16, 32 or 64 in the paper
+MINI_BATCH_PROMPTS=256                                # one optimizer step per 256 prompts (x 8 responses)
+ROLLOUT_BATCH=$((N * MINI_BATCH_PROMPTS))             # prompts per rollout step: N mini-batches of 256
+TP=${TP:-2}                                           # must equal convert.sh's TP (vocabulary padding)
+EP=${EP:-8}
+# r3: replay the experts SGLang chose (needs --enable-return-routed-experts on the server).
+# r2: replay the experts the trainer chose in its own π_old forward (no capture needed on the server).
+REPLAY=${REPLAY:-r3}
+TRAIN_ITERS=${TRAIN_ITERS:-500}
+RUN_DIR=${RUN_DIR:-$WORK/runs/vespo-n$N-$REPLAY}
+SAVE_DIR=$RUN_DIR/checkpoints                         # iter_<n>/model is torch_dist: export with mcore-to-hf
+LOG_DIR=$RUN_DIR/logs                                 # metrics (tensorboard + jsonl)
+SAVE_INTERVAL=${SAVE_INTERVAL:-50}
+# Weight sync by disk: rank 0 stages HF safetensors under $TMPDIR and the server reloads them, so the SGLang host
+# must see this directory.
+export TMPDIR=${STAGING_DIR:-$WORK/staging}
+
+TRAIN_ARGS=(
+  --hf-checkpoint "$HF_DIR"
+  --mcore-checkpoint "$MCORE_DIR"
+  --sglang-url "$SGLANG_URL"
+  --weight-sync disk
+  --tensor-model-parallel-size "$TP"
+  --expert-model-parallel-size "$EP"
+  --pipeline-model-parallel-size 1
+  --loss vespo
+  # the official (c1, c2) by advantage sign: A >= 0 -> (2, 3), A < 0 -> (3, 2) (also the defaults)
+  --loss-hparam c1_pos=2.0 --loss-hparam c2_pos=3.0
+  --loss-hparam c1_neg=3.0 --loss-hparam c2_neg=2.0
+  --routing-replay "$REPLAY"
+  --rollout-batch-size "$ROLLOUT_BATCH"
+  --n-samples-per-prompt 8
+  --num-mini-batches "$N"
+  --micro-batch-size 2
+  --max-new-tokens 15360
+  --temperature 1.0
+  --lr 1e-6
+  --lr-warmup-steps 0
+  --adam-beta1 0.9
+  --adam-beta2 0.999
+  --weight-decay 0.01
+  --clip-grad 1.0
+  --train-iters "$TRAIN_ITERS"
+  --save "$SAVE_DIR"
+  --save-interval "$SAVE_INTERVAL"
+  --log-dir "$LOG_DIR"
+)
+# The default loss normalisation is the exact global token-mean; uncomment to reproduce the official code's
+# per-micro-batch token-mean instead.
+# TRAIN_ARGS+=(--official-aggregation)
+if [ -e "$SAVE_DIR/latest" ]; then TRAIN_ARGS+=(--load "$SAVE_DIR"); fi  # resume where the last run stopped
