@@ -78,6 +78,9 @@ class TrainConfig:
             raise ValueError(f"--weight-sync: disk or tensor, got {self.weight_sync!r}")
         if self.engine_dtype not in ("bf16", "fp32"):
             raise ValueError(f"--engine-dtype: bf16 or fp32, got {self.engine_dtype!r}")
+        from vespo_megatron.objectives.config import PolicyLossConfig
+
+        PolicyLossConfig.from_hparams(**self.hparams)  # unknown or out-of-range --loss-hparam fails here
         if not self.hf_checkpoint:
             raise ValueError("--hf-checkpoint: required (a directory written by save_pretrained)")
         if self.lr <= 0 or self.clip_grad <= 0:

@@ -87,7 +87,7 @@ class Trainer:
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
                                      exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
-                                     hparams=PolicyLossConfig(**cfg.hparams))
+                                     hparams=PolicyLossConfig.from_hparams(**cfg.hparams))
         pattern = moe_layer_pattern(self.hf)
         self.moe_layers = [i for i, flag in enumerate(pattern) if flag]
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
