@@ -3,12 +3,13 @@
 ``model.sharded_state_dict()`` describes every local tensor as a slice of a global tensor (its dist-checkpoint key,
 global shape and offset: TP/EP/PP shards, layers stacked on a leading axis, experts on a second). ``load_global``
 copies the matching slice of each global tensor into the local parameter, so the same weights can be put into any
-TP/PP/EP layout; ``export_global`` assembles the global tensors (gathered over all ranks when distributed).
+TP/PP/EP layout; ``iter_global`` assembles the global tensors one key at a time on one rank (streaming weight sync),
+``export_global`` collects them into a dict.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,19 +68,40 @@ def _grads_as_data(model: torch.nn.Module) -> Iterator[None]:
             param.data = data
 
 
-def export_global(model: torch.nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
-    """key -> global tensor (of the gradients with ``grads``); under torch.distributed every rank contributes its
-    shards (meant for small models)."""
+def iter_global(model: torch.nn.Module, dst: int = 0) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """(key, global tensor) one key at a time, assembled on rank ``dst`` (None on the other ranks).
+
+    Every rank must iterate to the end (each key is one gather). Peak memory on ``dst``: one global tensor.
+    """
+    shards: dict[str, list[ShardedTensor]] = {}
+    for shard in local_shards(model):
+        shards.setdefault(shard.key, []).append(shard)
+    keys = [(key, tuple(group[0].global_shape), group[0].dtype) for key, group in shards.items()]
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, keys)
+        keys = list(dict.fromkeys(item for rank_keys in every for item in rank_keys))
+    me = dist.get_rank() if distributed else dst
+    for key, shape, dtype in keys:
+        pieces = [(global_slice(s), s.data.detach().cpu()) for s in shards.get(key, [])]
+        if distributed:
+            gathered: Optional[list] = [None] * dist.get_world_size() if me == dst else None
+            dist.gather_object(pieces, gathered, dst=dst)
+        else:
+            gathered = [pieces]
+        if me != dst:
+            yield key, None
+            continue
+        full = torch.zeros(shape, dtype=dtype)
+        for index, data in (piece for rank_pieces in gathered for piece in rank_pieces):
+            full[index] = data.reshape(full[index].shape)
+        yield key, full
+
+
+def export_global(model: torch.nn.Module, grads: bool = False, dst: int = 0) -> dict[str, torch.Tensor]:
+    """key -> global tensor (of the gradients with ``grads``) on rank ``dst``; {} on the other ranks."""
     if grads:
         with _grads_as_data(model):
-            return export_global(model)
-    pieces = [(s.key, s.global_shape, global_slice(s), s.data.detach().cpu().clone()) for s in local_shards(model)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, pieces)
-        pieces = [piece for rank_pieces in gathered for piece in rank_pieces]
-    out: dict[str, torch.Tensor] = {}
-    for key, shape, index, data in pieces:
-        full = out.setdefault(key, torch.zeros(shape, dtype=data.dtype))
-        full[index] = data.reshape(full[index].shape)
-    return out
+            return export_global(model, dst=dst)
+    return {key: tensor for key, tensor in iter_global(model, dst) if tensor is not None}

@@ -31,7 +31,7 @@ from vespo_megatron.megatron.loss import LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern, num_experts
 from vespo_megatron.megatron.parallel import init_parallel
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
-from vespo_megatron.megatron.weights import export_global, load_global
+from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import grpo_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
 from vespo_megatron.packing import pack, plan_micro_batches
@@ -209,16 +209,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- weights, saving
     def sync_weights(self) -> None:
-        """Megatron -> HF names -> engine (disk or tensor update), then check the engine's weight version."""
+        """Megatron -> HF names -> engine (disk or tensor update), then check the engine's weight version.
+
+        The global tensors stream one key at a time to rank 0 (``iter_global``), which converts and sends them."""
         from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 
-        tensors = export_global(self.model)
-        if self.rank == 0:
-            named = list(mcore_to_hf_tensors(self.spec, tensors))
-            version = f"v{self.version}"
-            push_weights(self.client, named, version, via=self.cfg.weight_sync, hf_config=self.hf,
-                         staging_dir=self._staging)
-            verify_weights(self.client, version=version)
+        stream = iter_global(self.model)
+        if self.rank != 0:
+            for _ in stream:  # every rank takes part in each key's gather
+                pass
+            return
+        version = f"v{self.version}"
+        push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.cfg.weight_sync,
+                     hf_config=self.hf, staging_dir=self._staging)
+        verify_weights(self.client, version=version)
 
     def save(self) -> None:
         checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf)
