@@ -1,6 +1,7 @@
 """The converted checkpoint under real parallel layouts on gloo ranks: TP2·EP2 (2 ranks, expert TP 1) loads with
 Megatron's own loader and gives the HF model's logits within 1e-5 for every family; under TP2·EP2 and PP2 each rank's
-loaded parameters equal the per-rank shards the converter wrote for that layout."""
+loaded parameters equal the per-rank shards the converter wrote for that layout; a checkpoint that Megatron itself
+saves under TP2·EP2 (TP/EP-split chunks) converts back to the original HF tensors bitwise."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from vespo_megatron.cli import main as cli
+from vespo_megatron.convert.mcore_to_hf import McoreToHfOptions, convert_mcore_to_hf
 from vespo_megatron.convert.parity import hf_logits
 from vespo_megatron.megatron.parallel import spawn
 
-from tests.e2e.test_convert_roundtrip import CASES, save_tiny
+from tests.e2e.test_convert_roundtrip import CASES, assert_bitwise, save_tiny, tensors
 
 ATOL = 1e-5
 VOCAB = 250
@@ -46,6 +48,7 @@ def _matches_rank_shards(model, mcore: str) -> int:
 
 def rank_main(rank: int, cases: dict, tokens: torch.Tensor) -> dict:
     import torch.distributed as dist
+    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from vespo_megatron.convert.parity import megatron_logits
@@ -59,6 +62,7 @@ def rank_main(rank: int, cases: dict, tokens: torch.Tensor) -> dict:
         parts = [torch.empty_like(local) for _ in range(2)]
         dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
         out[family] = {"logits": torch.cat(parts, dim=-1)[..., :VOCAB], "tensors": _matches_rank_shards(model, case["tp2ep2"])}
+        dist_checkpointing.save(model.sharded_state_dict(), case["saved"])
     init_parallel(pp=2)
     out["pp2_tensors"] = _matches_rank_shards(_loaded_model(cases["qwen3_moe"]["hf"], cases["qwen3_moe"]["pp2"]),
                                               cases["qwen3_moe"]["pp2"])
@@ -72,7 +76,8 @@ def test_tp2_ep2_logits_and_per_rank_shards(tmp_path):
     expected = {}
     for family in CASES:
         src = save_tiny(family, tmp_path / family / "hf")
-        case = {"hf": str(src), "tp2ep2": str(tmp_path / family / "tp2ep2")}
+        case = {"hf": str(src), "tp2ep2": str(tmp_path / family / "tp2ep2"), "saved": str(tmp_path / family / "saved")}
+        Path(case["saved"]).mkdir()
         assert cli(["convert", "hf-to-mcore", case["hf"], case["tp2ep2"], "--tp", "2", "--ep", "2", "--etp", "1",
                     "--per-rank", "--no-progress"]) == 0
         if family == "qwen3_moe":
@@ -87,3 +92,7 @@ def test_tp2_ep2_logits_and_per_rank_shards(tmp_path):
             assert diff < ATOL, (family, rank, diff)
             assert results[rank][family]["tensors"] > 10
     assert all(r["pp2_tensors"] > 10 for r in results)
+    for family, case in cases.items():
+        back = tmp_path / family / "back"
+        convert_mcore_to_hf(case["saved"], back, McoreToHfOptions(hf_config=Path(case["hf"]), progress=False))
+        assert_bitwise(tensors(Path(case["hf"])), tensors(back))

@@ -7,6 +7,7 @@ small files of the source (generation config, tokenizer) are kept under ``DEST/h
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +56,10 @@ def _assets(src: Path) -> list[Path]:
 
 
 def _nbytes(rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> int:
+    """Bytes of the rule's Megatron tensor."""
     if dtype is None:
-        return sum(ckpt.nbytes(n) for n in rule.hf) * rule.numel // sum(_numel(s) for s in rule.hf_shapes)
-    return rule.numel * (4 if rule.fp32 else torch.empty(0, dtype=dtype).element_size())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+        return sum(ckpt.nbytes(n) for n in rule.hf) * rule.numel // rule.hf_numel
+    return rule.numel * (4 if rule.fp32 else dtype.itemsize)
 
 
 def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOptions = HfToMcoreOptions()) -> Plan:
@@ -89,7 +84,7 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     if options.per_rank:
         plan.notes.append(f"per-rank shards for {options.layout} under {rank_shards.RANKS_DIR}/")
     fingerprint = {"direction": plan.direction, "source": source_fingerprint([src / f for f in ckpt.files] + _assets(src)),
-                   "options": repr(options.__class__(**{**options.__dict__, "resume": False, "dry_run": False, "progress": False}))}
+                   "options": repr(dataclasses.replace(options, resume=False, dry_run=False, progress=False))}
     journal = Journal(dst, fingerprint, options.resume)
     if options.dry_run:
         return plan

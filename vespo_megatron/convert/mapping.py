@@ -16,6 +16,7 @@ router [E, H], expert_bias [E] (float32), embedding / output [Vp, H].
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -62,10 +63,13 @@ class Rule:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for size in self.shape:
-            n *= size
-        return n
+        """Elements of the Megatron tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def hf_numel(self) -> int:
+        """Elements of its HF tensors together (fewer than ``numel`` by the vocabulary padding)."""
+        return sum(math.prod(shape) for shape in self.hf_shapes)
 
 
 @dataclass(frozen=True)

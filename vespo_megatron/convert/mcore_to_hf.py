@@ -71,17 +71,8 @@ def checkpoint_spec(ckpt: DcpCheckpoint, hf_config) -> tuple[ModelSpec, list[str
 
 def _hf_bytes(spec: ModelSpec, rule: mapping.Rule, ckpt: DcpCheckpoint, options: McoreToHfOptions) -> int:
     dtype = ckpt.tensors[rule.key][1] if options.dtype is None else (torch.float32 if rule.fp32 else options.dtype)
-    numel = sum(_numel(shape) for shape in rule.hf_shapes)
-    if options.emit_tied_lm_head and spec.tied and rule.hf == (mapping.EMBEDDING,):
-        numel *= 2
-    return numel * torch.empty(0, dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+    copies = 2 if options.emit_tied_lm_head and spec.tied and rule.hf == (mapping.EMBEDDING,) else 1
+    return copies * rule.hf_numel * dtype.itemsize
 
 
 def shard_groups(spec: ModelSpec, sizes: dict[mapping.Rule, int], max_bytes: int) -> list[tuple[mapping.Rule, ...]]:

@@ -1,0 +1,104 @@
+"""Conversion memory and throughput on synthetic checkpoints of 8, 32 and 128 layers with the same layer size.
+
+For each depth: write a synthetic HF checkpoint (one shard per layer), convert HF -> Megatron and Megatron -> HF, each
+in a fresh process that reports its peak RSS (VmHWM, reset to the current RSS after the imports through
+/proc/self/clear_refs; mmap'd pages that were read count too) above its RSS before the conversion, and time ``cp -r`` of the same source in the same run. Prints per depth: largest layer, the peak
+extra RSS of each direction and its ratio to the largest layer, and conversion throughput / cp throughput.
+
+    python benchmarks/convert.py [--layers 8 32 128] [--hidden 512] [--experts 16] [--workdir /tmp/convert-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def child(direction: str, src: str, dst: str) -> None:
+    """Run one conversion; print {"baseline": bytes, "peak": bytes, "seconds": s, "largest_unit": bytes}."""
+    from transformers import AutoConfig  # noqa: F401  (imported before the baseline and the clock)
+
+    from vespo_megatron.convert.hf_to_mcore import HfToMcoreOptions, convert_hf_to_mcore
+    from vespo_megatron.convert.mcore_to_hf import McoreToHfOptions, convert_mcore_to_hf
+
+    AutoConfig.for_model("qwen3_moe")
+    baseline = _proc_status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS, so the peak below is the conversion's
+    start = time.perf_counter()
+    if direction == "hf-to-mcore":
+        plan = convert_hf_to_mcore(src, dst, HfToMcoreOptions(progress=False))
+    else:
+        plan = convert_mcore_to_hf(src, dst, McoreToHfOptions(progress=False))
+    seconds = time.perf_counter() - start
+    peak = _proc_status("VmHWM")
+    print(json.dumps({"baseline": baseline, "peak": peak, "seconds": seconds, "bytes": plan.total_bytes,
+                      "largest_unit": max(f.nbytes for f in plan.files)}))
+
+
+def run_child(direction: str, src: Path, dst: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", direction, str(src), str(dst)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def timed_cp(src: Path, dst: Path) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--expert-ffn", type=int, default=320)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"))
+    parser.add_argument("--child", nargs=3, metavar=("DIRECTION", "SRC", "DST"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    from transformers import Qwen3MoeConfig
+
+    from vespo_megatron.convert.plan import human
+    from vespo_megatron.convert.synthetic import write_synthetic
+
+    print(f"{'layers':>6} {'layer':>10} {'h->m extra RSS':>15} {'x layer':>8} {'m->h extra RSS':>15} {'x layer':>8} "
+          f"{'h->m / cp':>10} {'m->h / cp':>10}")
+    for layers in args.layers:
+        work = args.workdir / f"L{layers}"
+        shutil.rmtree(work, ignore_errors=True)
+        config = Qwen3MoeConfig(
+            vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+            moe_intermediate_size=args.expert_ffn, num_hidden_layers=layers, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=args.hidden // 8, num_experts=args.experts, num_experts_per_tok=2)
+        write_synthetic(work / "hf", config)
+        cp_seconds = timed_cp(work / "hf", work / "cp")
+        shutil.rmtree(work / "cp")
+        h2m = run_child("hf-to-mcore", work / "hf", work / "mcore")
+        shutil.rmtree(work / "hf")
+        cp_mcore = timed_cp(work / "mcore", work / "cp")
+        shutil.rmtree(work / "cp")
+        m2h = run_child("mcore-to-hf", work / "mcore", work / "hf_back")
+        layer = h2m["largest_unit"]
+        extra = [r["peak"] - r["baseline"] for r in (h2m, m2h)]
+        print(f"{layers:>6} {human(layer):>10} {human(extra[0]):>15} {extra[0] / layer:>8.2f} {human(extra[1]):>15} "
+              f"{extra[1] / layer:>8.2f} {cp_seconds / h2m['seconds']:>10.2f} {cp_mcore / m2h['seconds']:>10.2f}",
+              flush=True)
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
