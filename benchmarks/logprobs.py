@@ -129,7 +129,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--chunk-elems", type=int, default=1 << 22)
+    parser.add_argument("--chunk-elems", type=int, default=None, help="default: the library's per-device chunk")
     parser.add_argument("--worker", choices=METHODS, dest="method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:

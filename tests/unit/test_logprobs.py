@@ -199,3 +199,9 @@ def test_bad_inputs(logits_shape, labels_shape, vocab_size, match):
     with pytest.raises(ValueError, match=match):
         vocab_parallel_logprobs(torch.zeros(logits_shape), torch.zeros(labels_shape, dtype=torch.long),
                                 vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("labels", [[0, 4, 1], [0, -100, 1], [3, 0, 0]])
+def test_labels_outside_the_vocabulary_are_rejected(labels):
+    with pytest.raises(ValueError, match=r"labels\[\d\]=-?\d+ outside \[0, 3\)"):
+        vocab_parallel_logprobs(torch.randn(3, 5), torch.tensor(labels), vocab_size=3)

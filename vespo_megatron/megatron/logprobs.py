@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-CHUNK_ELEMS = 1 << 22
+CHUNK_ELEMS_CUDA = 1 << 22  # few large kernels on GPU
+CHUNK_ELEMS_CPU = 1 << 19  # ~2 MiB fp32 chunks stay in cache on CPU
 
 
 def _chunks(n_tokens: int, vocab: int, chunk_elems: int) -> range:
@@ -41,9 +42,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         owned = (local >= 0) & (local < valid)
         for s in range(0, t, step):
             z = z_all[s : s + step].to(acc)
-            e = torch.exp(z - m[s : s + step, None])
+            e = torch.sub(z, m[s : s + step, None]).exp_()
             sums[0, s : s + step] = e.sum(dim=-1)
-            sums[1, s : s + step] = (e * z).sum(dim=-1)
+            sums[1, s : s + step] = torch.linalg.vecdot(e, z)
         idx = torch.where(owned, local, torch.zeros_like(local))
         if valid:
             sums[2] = torch.where(owned, z_all.gather(1, idx[:, None])[:, 0].to(acc), torch.zeros_like(m))
@@ -62,14 +63,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         valid = ctx.valid
         t = logits.shape[0]
         step = _chunks(t, valid, ctx.chunk_elems).step
-        g_lp = grad_logp.to(lse.dtype) if grad_logp is not None else torch.zeros_like(lse)
-        g_h = grad_entropy.to(lse.dtype) if grad_entropy is not None else torch.zeros_like(lse)
+        g_lp = grad_logp.to(lse.dtype)  # autograd passes zeros for an output that is not used
+        neg_g_h = -grad_entropy.to(lse.dtype)
         for s in range(0, t, step):
             z = logits[s : s + step, :valid].to(lse.dtype)
-            p = torch.exp(z - lse[s : s + step, None])
+            p = torch.sub(z, lse[s : s + step, None]).exp_()
             # −p·(g_lp + g_H·(z − E[z]))  (+ g_lp on the label column, added below)
-            g = -p * (g_lp[s : s + step, None] + g_h[s : s + step, None] * (z - mean_z[s : s + step, None]))
-            grad[s : s + step, :valid] = g.to(grad.dtype)
+            g = torch.sub(z, mean_z[s : s + step, None]).mul_(neg_g_h[s : s + step, None]).sub_(g_lp[s : s + step, None])
+            if grad.dtype == g.dtype:
+                torch.mul(p, g, out=grad[s : s + step, :valid])
+            else:
+                grad[s : s + step, :valid].copy_(p.mul_(g))
         if valid < logits.shape[1]:
             grad[:, valid:] = 0
         rows = torch.nonzero(owned)[:, 0]
@@ -83,13 +87,14 @@ def vocab_parallel_logprobs(
     *,
     vocab_size: Optional[int] = None,
     group: Optional[dist.ProcessGroup] = None,
-    chunk_elems: int = CHUNK_ELEMS,
+    chunk_elems: Optional[int] = None,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``labels`` and entropy per token, both [t] (fp32, or fp64 for fp64 logits), from this rank's logits slice [t, V/tp].
 
     ``group``: the tensor-parallel group (None or size 1: the whole vocabulary is local). ``vocab_size``: the real
-    vocabulary (columns at or past it are padding and ignored); default: no padding.
+    vocabulary (columns at or past it are padding and ignored); default: no padding. ``chunk_elems``: elements per
+    fp32 work chunk (default by device).
     """
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [t, V/tp] and labels [t]; got {tuple(logits.shape)} and {tuple(labels.shape)}")
@@ -101,6 +106,12 @@ def vocab_parallel_logprobs(
     if not part * (tp - 1) < total <= part * tp:
         raise ValueError(f"vocab_size {total} does not fit {tp} shards of {part} columns")
     valid = int(min(max(total - vocab_start, 0), part))
+    bad = (labels < 0) | (labels >= total)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"labels[{row}]={int(labels[row])} outside [0, {total})")
+    if chunk_elems is None:
+        chunk_elems = CHUNK_ELEMS_CUDA if logits.is_cuda else CHUNK_ELEMS_CPU
     return _VocabParallelLogProbs.apply(
         logits, labels.long(), vocab_start, valid, group if tp > 1 else None, chunk_elems, inplace_backward
     )
