@@ -1,4 +1,4 @@
-"""Train-inference mismatch metrics on packed, loss-masked response tokens (pure numpy, fp64).
+"""Train-inference mismatch metrics on packed, loss-masked response tokens (numpy, fp64; φ from objectives.kernel).
 
 Inputs follow the packed convention: one entry per loss-masked response token.
 - logp_train, logp_rollout [num_tokens]: logπ_train(y_t) and logμ_rollout(y_t).
@@ -16,14 +16,15 @@ import math
 from typing import Callable, NamedTuple
 
 import numpy as np
+import torch
+
+from vespo_megatron.objectives.config import PolicyLossConfig
+from vespo_megatron.objectives.kernel import phi, sign_parameters
 
 LOG_RATIO_CLAMP = 20.0  # ±clamp of token and sequence log-ratios, as the VESPO and rollout-correction code do
 EXTREME_TAUS = (2, 5)  # F(τ) thresholds
 LOG_W_QUANTILES = (5, 25, 50, 75, 95)  # percentiles of the sequence logW
 PHI_SMALL = 0.01  # a sequence with φ < PHI_SMALL barely contributes to the VESPO gradient
-KERNEL_POS = (2.0, 3.0)  # default VESPO (c1, c2) where A ≥ 0
-KERNEL_NEG = (3.0, 2.0)  # default VESPO (c1, c2) where A < 0
-_MIN_W = 1e-8  # the VESPO code takes log(max(W, 1e-8)) in the power term
 
 ROUTING_LAYER_KEY = "routing/layer_disagree_frac"
 
@@ -46,16 +47,14 @@ class _Tokens(NamedTuple):
 
 
 def default_phi(log_w: np.ndarray, seq_adv: np.ndarray) -> np.ndarray:
-    """Default VESPO kernel φ(W) = W^c1·exp(c2·(1 − W)), W = exp(logW), in log space.
+    """The project's VESPO kernel (objectives.kernel) with the default (c1, c2) of PolicyLossConfig, by the sign of A.
 
-    (c1, c2) = KERNEL_POS where A ≥ 0 and KERNEL_NEG where A < 0; the power term uses log(max(W, 1e-8)) as the
-    official code does. log_w, seq_adv: [num_seqs] -> φ [num_seqs].
-    TODO(wiring): replace by vespo_megatron.objectives.kernel once it lands, so that both share one kernel.
+    φ(W) = W^c1·exp(c2·(1 − W)), W = exp(logW), power term on max(W, 1e-8). log_w, seq_adv: [num_seqs] -> φ [num_seqs].
     """
-    neg = seq_adv < 0
-    c1 = np.where(neg, KERNEL_NEG[0], KERNEL_POS[0])
-    c2 = np.where(neg, KERNEL_NEG[1], KERNEL_POS[1])
-    return np.exp(c1 * np.maximum(log_w, math.log(_MIN_W)) + c2 * (1.0 - np.exp(log_w)))
+    cfg = PolicyLossConfig()
+    c1, c2 = sign_parameters(torch.as_tensor(seq_adv, dtype=torch.float64), cfg.c1_pos, cfg.c2_pos, cfg.c1_neg,
+                             cfg.c2_neg)
+    return phi(torch.as_tensor(log_w, dtype=torch.float64), c1, c2)[1].numpy()
 
 
 def _finite_vector(name: str, values: object, length: int | None = None) -> np.ndarray:
