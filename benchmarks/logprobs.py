@@ -114,7 +114,7 @@ def worker(args: argparse.Namespace) -> dict:
 def run_in_subprocess(method: str, args: argparse.Namespace, live_malloc: bool) -> dict:
     flags = {**vars(args), "repeats": 0 if live_malloc else args.repeats}
     cmd = [sys.executable, __file__, "--worker", method] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "method"
+        f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if k != "method" and v is not None
     ]
     env = {**os.environ, **LIVE_MALLOC_ENV} if live_malloc else os.environ
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
