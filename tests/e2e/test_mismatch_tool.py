@@ -6,6 +6,7 @@ vocab 256, initializer_range 0.2) saved with transformers' save_pretrained.
 - Python API, fp32 engine at temperature 0.7 vs fp32 Megatron: both passes agree to rounding (a token or routing
   misalignment, or a missing 1/T on the training logits, would not), and without 1/T they do not.
 - TP2 × EP2 on 2 gloo ranks gives the 1-rank figures on the same rollouts.
+- --sglang-url: the same engine behind the SGLang HTTP protocol gives the same report as the in-process engine.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from vespo_megatron.convert.spec import load_hf_config
 from vespo_megatron.metrics.report import DELTA_PLOT, JSON_NAME, LOG_W_PLOT, ROUTING_PLOT
+from vespo_megatron.rollout.hf_engine import HFEngine
+from vespo_megatron.rollout.server import RolloutServer
 from vespo_megatron.train import mismatch_cli
 from vespo_megatron.train.mismatch import (
     REPLAY_OFF, REPLAY_ON, measure_mismatch, rollout_client, synthetic_prompts, trace_spec,
@@ -42,15 +45,20 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def cli_run(hf_dir, tmp_path_factory):
-    """(exit status, stdout, output dir) of the CLI with the default bf16 engine and fp32 training."""
-    out = tmp_path_factory.mktemp("mismatch")
+def _run_cli(hf_dir, out, *extra: str) -> tuple[int, str]:
+    """(exit status, stdout) of the CLI with the ROLLOUT settings, default bf16 engine and fp32 training."""
     flags = [arg for key, value in ROLLOUT.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = mismatch_cli.main(["--hf-checkpoint", str(hf_dir), "--output-dir", str(out), *flags])
-    return status, stdout.getvalue(), out
+        status = mismatch_cli.main(["--hf-checkpoint", str(hf_dir), "--output-dir", str(out), *flags, *extra])
+    return status, stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def cli_run(hf_dir, tmp_path_factory):
+    """(exit status, stdout, output dir) of the CLI with the in-process engine."""
+    out = tmp_path_factory.mktemp("mismatch")
+    return (*_run_cli(hf_dir, out), out)
 
 
 def _summary(columns: dict) -> str:
@@ -108,3 +116,10 @@ def test_tp2_ep2_gives_the_one_rank_figures(hf_dir, cli_run):
         np.testing.assert_allclose(two[column]["routing/layer_disagree_frac"],
                                    one[column]["routing/layer_disagree_frac"], atol=1 / 192 + 1e-12)
     assert two[REPLAY_ON]["routing/any_layer_disagree_frac"] == 0.0
+
+
+def test_sglang_url_gives_the_in_process_report(hf_dir, cli_run, tmp_path):
+    with RolloutServer(HFEngine.from_pretrained(str(hf_dir), dtype="bf16")) as server:
+        status, _ = _run_cli(hf_dir, tmp_path, "--sglang-url", server.url)
+    assert status == 0
+    assert json.loads((tmp_path / JSON_NAME).read_text()) == json.loads((cli_run[2] / JSON_NAME).read_text())
