@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
+
+# Megatron-Core and torch.distributed warn about optional GPU packages and deprecations on every import, also in
+# the spawned ranks; the CLI hides them unless PYTHONWARNINGS asks otherwise.
+QUIET = "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
 
 # sub-command -> module that defines add_parser(); the order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
@@ -38,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "PYTHONWARNINGS" not in os.environ:
+        os.environ["PYTHONWARNINGS"] = QUIET  # inherited by spawned ranks
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
