@@ -51,7 +51,8 @@ class Probe:
     def __init__(self, model: torch.nn.Module) -> None:
         self.forward: dict[int, list[torch.Tensor]] = {}
         self.recomputed: dict[int, list[torch.Tensor]] = {}
-        self.handles = [m.register_forward_hook(self._hook) for n, m in model.named_modules() if n.endswith("mlp.router")]
+        routers = [m for n, m in model.named_modules() if n.endswith("mlp.router")]
+        self.handles = [router.register_forward_hook(self._hook) for router in routers]
 
     def _hook(self, router, inputs, output) -> None:
         routing_map = output[1]
@@ -224,8 +225,8 @@ def response_logp_sum(model: torch.nn.Module, mb) -> torch.Tensor:
 
 
 def gradient_check(hf, weights_b: dict, samples: list) -> dict:
-    """∂/∂W_router of Σ response log-probs under replay vs central differences; the replayed trace gives every token
-    as second expert the one B's live router picks least in that layer (mostly outside the live top-k)."""
+    """∂/∂W_router of Σ response log-probs under replay vs finite differences; the replayed trace gives every
+    token as second expert the one B's live router picks least in that layer (mostly outside the live top-k)."""
     model = build_model(hf, dtype=DTYPE)
     load_global(model, weights_b)
     replay = RoutingReplay(model, "r3")

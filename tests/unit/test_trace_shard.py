@@ -7,7 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vespo_megatron.packing.layout import build_layout
-from vespo_megatron.routing.shard import filler_row, shard, unshard
+from vespo_megatron.packing.reference import pack as pack_samples
+from vespo_megatron.packing.sample import Sample
+from vespo_megatron.routing.shard import batch_shard, shard, unshard
 from vespo_megatron.routing.trace import TraceSpec, pack
 
 
@@ -89,6 +91,35 @@ def test_pack_shard_unshard_round_trip(lens, full_rows, cp, sp, tail_align, num_
                 # every slot, pad or not, holds k distinct valid ids; slots without a row hold the filler
                 ordered = np.sort(local.ids, axis=2)
                 assert (ordered[..., 1:] != ordered[..., :-1]).all() and (local.ids < spec.num_experts).all()
-                assert (local.ids[~has] == filler_row(topk)).all()
+                assert (local.ids[~has] == np.arange(topk)).all()
                 pieces.append(local)
     np.testing.assert_array_equal(unshard(pieces, int(row_start[-1]), num_layers), trace.ids)
+
+
+def test_shards_equal_the_packers_routing_rows():
+    # the packer (reference implementation) carries SGLang rows through the same maps: both must agree slot by slot
+    rng = np.random.default_rng(3)
+    spec = TraceSpec(3, (0, 1, 2), 8, 2)
+    lens = [5, 2, 9, 4]
+    rows = random_trace(rng, [n - 1 for n in lens], spec)
+    samples = [Sample(prompt=np.arange(2), response=np.arange(n - 2), routing=r.astype(np.uint8))
+               for n, r in zip(lens, rows)]
+    trace = pack(rows, spec)
+    for cp, sp in ((1, 2), (2, 1), (2, 2)):
+        batch = pack_samples(samples, cp=cp, sp=sp, sample_ids=[0, 1, 2, 3])
+        for cp_rank in range(cp):
+            for sp_rank in range(sp):
+                local = batch_shard(trace, batch, cp_rank, sp_rank, (0, 1, 2))
+                np.testing.assert_array_equal(local.ids, batch.shard(cp_rank, sp_rank).routing)
+
+
+def test_unshard_rejects_missing_and_conflicting_pieces():
+    spec = TraceSpec(2, (0, 1), 4, 2)
+    trace = pack(random_trace(np.random.default_rng(4), [3, 5], spec), spec)
+    layout = build_layout(np.array([4, 6]), cp=1, sp=2)
+    pieces = [shard(trace, layout, 0, s, (0, 1)) for s in range(2)]
+    with pytest.raises(ValueError, match="no piece covers"):
+        unshard(pieces[:1], 8, 2)
+    other = shard(pack(random_trace(np.random.default_rng(5), [3, 5], spec), spec), layout, 0, 0, (0, 1))
+    with pytest.raises(ValueError, match="disagree"):
+        unshard(pieces + [other], 8, 2)

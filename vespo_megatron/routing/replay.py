@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vespo_megatron.routing.args import REPLAY_MODES
-from vespo_megatron.routing.health import ReplayHealth, same_set
+from vespo_megatron.routing.health import ReplayHealth, differ_rows
 from vespo_megatron.routing.shard import LocalTrace
 from vespo_megatron.routing.trace import TraceSpec
 
@@ -75,20 +75,16 @@ class _RouterSlot:
     def __init__(self, column: int, num_experts: int, health: ReplayHealth) -> None:
         self.column, self.num_experts, self.health = column, num_experts, health
         self.action: Optional[str] = None  # None (live), "record" or "replay"
-        self.target: Optional[torch.Tensor] = None  # [T, k] int64, −1 = route live
-        self.has_row: Optional[torch.Tensor] = None  # [T] bool, rows that count in the health metrics
-        self.missing: Optional[torch.Tensor] = None  # [T] bool rows routed live, or None when there is none
+        self.target: Optional[torch.Tensor] = None  # [T, k] int64 (any value on live rows)
+        self.live_rows: Optional[torch.Tensor] = None  # [T] bool rows routed live, or None when there is none
         self.recompute: deque = deque()
         self.recorded: list[torch.Tensor] = []  # R2: [T, k] compact, one per micro-batch forward
 
-    def set_target(self, target: torch.Tensor, has_row: Optional[torch.Tensor]) -> None:
-        """target [T, k] int64 (−1: route live); has_row [T] bool, rows that count in the health (None: all)."""
-        live = target[:, 0] < 0
-        self.target, self.has_row = target, has_row
-        self.missing = live if bool(live.any()) else None
+    def set_target(self, target: torch.Tensor, live_rows: Optional[torch.Tensor]) -> None:
+        self.target, self.live_rows = target, live_rows
 
     def clear(self) -> None:
-        self.action = self.target = self.has_row = self.missing = None
+        self.action = self.target = self.live_rows = None
         self.recompute.clear()
 
     def get_replay_topk(
@@ -113,27 +109,28 @@ class _RouterSlot:
             if not self.recompute:
                 raise RuntimeError(f"routing replay, trace column {self.column}: a recomputed router has no queued "
                                    "target (was the forward run outside RoutingReplay.phase?)")
-            target, has_row, missing = self.recompute.popleft()
+            target, live_rows = self.recompute.popleft()
         else:
             if self.target is None:
                 raise RuntimeError(f"routing replay, trace column {self.column}: no routing installed for this "
                                    "micro-batch")
-            target, has_row, missing = self.target, self.has_row, self.missing
+            target, live_rows = self.target, self.live_rows
             if not torch.is_grad_enabled():
-                self.recompute.append((target, has_row, missing))
+                self.recompute.append((target, live_rows))
         if target.shape != (scores.shape[0], topk):
             raise ValueError(f"routing replay, trace column {self.column}: the trace has {tuple(target.shape)} "
                              f"rows x ids, the router sees {scores.shape[0]} tokens x topk {topk}")
-        target = target.to(scores.device)
-        count = not backward
-        if count or missing is not None:
-            live_ids = live()[1]
-        ids = target if missing is None else torch.where(missing[:, None].to(scores.device), live_ids, target)
-        if count:
-            rows = torch.ones_like(ids[:, 0], dtype=torch.bool) if has_row is None else has_row.to(scores.device)
-            fallen = torch.zeros_like(rows) if missing is None else rows & missing.to(scores.device)
-            self.health.add(self.column, rows & ~fallen, fallen, ~same_set(ids, live_ids))
-        return scores.gather(1, ids), ids
+        ids = target.to(scores.device)
+        if backward and live_rows is None:
+            return scores.gather(1, ids), ids
+        live_values, live_ids = live()
+        if live_rows is not None:
+            ids = torch.where(live_rows.to(scores.device)[:, None], live_ids, ids)
+        values = scores.gather(1, ids)
+        if not backward:  # rows routed live never differ from the live top-k
+            differ = differ_rows(scores, ids, values, live_ids, live_values, bool(group_topk))
+            self.health.add_differ(self.column, differ.sum())
+        return values, ids
 
 
 class RoutingReplay:
@@ -225,8 +222,8 @@ class RoutingReplay:
 
     def _hook(self, chunk_index: int) -> Callable:
         def pre_forward(module: torch.nn.Module, args: Any) -> None:
-            if self._phase is None:
-                return  # live routing outside a phase (evaluation, tests)
+            if self._phase is None or _in_backward():
+                return  # outside a phase: live routing; inside backward: a recomputation, served by the queues
             micro = self._cursor[chunk_index]
             self._cursor[chunk_index] += 1
             self._install(chunk_index, micro)
@@ -243,17 +240,34 @@ class RoutingReplay:
                     raise RuntimeError(f"r2: update micro-batch {micro} has no recording (the old-log-prob pass "
                                        f"recorded {len(slot.recorded)})")
                 slot.set_target(slot.recorded[micro].long(), None)
+            rows = np.array([len(slot.target) for slot in slots])
+            self.health.add_rows([slot.column for slot in slots], rows, np.zeros_like(rows))
             return
         if micro >= len(self._routing):
             raise RuntimeError(f"r3: forward of micro-batch {micro}, routing given for {len(self._routing)}")
-        targets, has_row = self._local_targets(self._routing[micro], [slot.column for slot in slots], micro)
-        for slot, target in zip(slots, targets):
-            slot.set_target(target, has_row)
+        columns = [slot.column for slot in slots]
+        ids, has_row = self._local_ids(self._routing[micro], columns, micro)
+        row = np.ones(len(ids), bool) if has_row is None else has_row
+        first = ids[:, :, 0]
+        missing = first >= self.spec.num_experts
+        if np.issubdtype(ids.dtype, np.signedinteger):
+            missing |= first < 0
+        fallback = np.zeros(len(columns), np.int64)
+        if missing.any():  # [T, L_local] per-layer live rows: missing entries and slots without a trace row
+            fallback = np.count_nonzero(row[:, None] & missing, axis=0)
+            live = missing | ~row[:, None]
+            rows = [torch.from_numpy(live[:, j].copy()) if live[:, j].any() else None for j in range(len(slots))]
+        else:  # the common case: only slots without a trace row (pads) are routed live, in every layer
+            rows = [None if row.all() else torch.from_numpy(~row)] * len(slots)
+        self.health.add_rows(columns, np.count_nonzero(row) - fallback, fallback)
+        targets = torch.from_numpy(ids).long()
+        for j, slot in enumerate(slots):
+            slot.set_target(targets[:, j], rows[j])
 
-    def _local_targets(
+    def _local_ids(
         self, routing: Optional[Routing], columns: list[int], micro: int
-    ) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-        """Per router [T, k] int64 (−1 = route live: the missing code, slots without a row) and the [T] has-row mask."""
+    ) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """[T, L_local, k] ids of this chunk's routers (−1 or ≥ E: missing) and the [T] has-row mask."""
         if routing is None:
             raise ValueError(f"r3: micro-batch {micro} has no routing")
         if isinstance(routing, LocalTrace):
@@ -262,15 +276,12 @@ class RoutingReplay:
             if absent:
                 raise ValueError(f"r3: micro-batch {micro}: the trace shard lacks MoE layers "
                                  f"{[self.spec.moe_layers[c] for c in absent]} of this stage")
-            ids, positions = routing.ids, [have.index(c) for c in columns]
-            has_row = torch.from_numpy(routing.has_row)
+            ids, positions, has_row = routing.ids, [have.index(c) for c in columns], routing.has_row
         else:
             ids, positions, has_row = np.asarray(routing), columns, None
             if ids.ndim != 3 or ids.shape[1] != self.spec.num_moe_layers:
                 raise ValueError(f"r3: micro-batch {micro}: routing of shape {ids.shape}, expected "
                                  f"[tokens, {self.spec.num_moe_layers}, {self.spec.topk}]")
-        local = torch.from_numpy(np.ascontiguousarray(ids[:, positions])).long()  # [T, L_local, k]
-        local.masked_fill_(local >= self.spec.num_experts, -1)
-        if has_row is not None:
-            local[~has_row] = -1
-        return list(local.unbind(dim=1)), has_row
+        if positions != list(range(ids.shape[1])):
+            ids = ids[:, positions]
+        return np.ascontiguousarray(ids), has_row

@@ -12,8 +12,8 @@ covering rows [s_j, s_j + rows_j). Parts are laid down in order (a later part ov
 allowed) and together cover rows [0, n − 1), n = prompt + completion tokens.
 
 Storage (:class:`PackedTrace`): MoE layers only, every sample concatenated, ids [Σ rows_i, num_moe_layers, topk] with
-offsets [S + 1], in uint8 when every code fits, else uint16. A missing (row, layer) — all k ids −1 on input, accepted
-only with ``allow_missing`` — is stored as the code ``num_experts`` and is routed live at replay.
+offsets [S + 1], in uint8 when every code fits, else uint16. A missing (row, layer) — all k ids −1 on input,
+accepted only with ``allow_missing`` — is stored as the code ``num_experts`` and is routed live at replay.
 
 Every bad input raises :class:`TraceError` (a ValueError) naming the sample, the layer (HF index) and the row.
 """
