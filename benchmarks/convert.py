@@ -3,9 +3,10 @@
 For each depth: write a synthetic HF checkpoint (one shard per layer), convert HF -> Megatron and Megatron -> HF, each
 in a fresh process that reports its peak RSS (VmHWM, reset to the current RSS after the imports through
 /proc/self/clear_refs; mmap'd pages that were read count too) above its RSS before the conversion, and time ``cp -r`` of the same source in the same run. Prints per depth: largest layer, the peak
-extra RSS of each direction and its ratio to the largest layer, and conversion throughput / cp throughput.
+extra RSS of each direction and its ratio to the largest layer, and conversion throughput / cp throughput (the same
+bytes; best of ``--repeats`` runs of each, alternated, as the page-cache writeback of a shared machine is noisy).
 
-    python benchmarks/convert.py [--layers 8 32 128] [--hidden 512] [--experts 16] [--workdir /tmp/convert-bench]
+    python benchmarks/convert.py [--layers 8 32 128] [--hidden 1024] [--experts 8] [--repeats 2]
 """
 from __future__ import annotations
 
@@ -57,12 +58,29 @@ def timed_cp(src: Path, dst: Path) -> float:
     return time.perf_counter() - start
 
 
+def measure(direction: str, src: Path, dst: Path, scratch: Path, repeats: int) -> tuple[dict, float]:
+    """Best-of-``repeats`` conversion (its largest peak RSS) and cp time of ``src``; ``dst`` is kept from the last run."""
+    best: dict = {}
+    cp_best = float("inf")
+    for _ in range(repeats):
+        cp_best = min(cp_best, timed_cp(src, scratch))
+        shutil.rmtree(scratch)
+        shutil.rmtree(dst, ignore_errors=True)
+        run = run_child(direction, src, dst)
+        if best:
+            run["peak"] = max(run["peak"] - run["baseline"], best["peak"] - best["baseline"]) + run["baseline"]
+            run["seconds"] = min(run["seconds"], best["seconds"])
+        best = run
+    return best, cp_best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--expert-ffn", type=int, default=320)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--expert-ffn", type=int, default=384)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"))
     parser.add_argument("--child", nargs=3, metavar=("DIRECTION", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -85,17 +103,13 @@ def main() -> None:
             moe_intermediate_size=args.expert_ffn, num_hidden_layers=layers, num_attention_heads=8,
             num_key_value_heads=4, head_dim=args.hidden // 8, num_experts=args.experts, num_experts_per_tok=2)
         write_synthetic(work / "hf", config)
-        cp_seconds = timed_cp(work / "hf", work / "cp")
-        shutil.rmtree(work / "cp")
-        h2m = run_child("hf-to-mcore", work / "hf", work / "mcore")
+        h2m, cp_hf = measure("hf-to-mcore", work / "hf", work / "mcore", work / "cp", args.repeats)
         shutil.rmtree(work / "hf")
-        cp_mcore = timed_cp(work / "mcore", work / "cp")
-        shutil.rmtree(work / "cp")
-        m2h = run_child("mcore-to-hf", work / "mcore", work / "hf_back")
+        m2h, cp_mcore = measure("mcore-to-hf", work / "mcore", work / "hf_back", work / "cp", args.repeats)
         layer = h2m["largest_unit"]
         extra = [r["peak"] - r["baseline"] for r in (h2m, m2h)]
         print(f"{layers:>6} {human(layer):>10} {human(extra[0]):>15} {extra[0] / layer:>8.2f} {human(extra[1]):>15} "
-              f"{extra[1] / layer:>8.2f} {cp_seconds / h2m['seconds']:>10.2f} {cp_mcore / m2h['seconds']:>10.2f}",
+              f"{extra[1] / layer:>8.2f} {cp_hf / h2m['seconds']:>10.2f} {cp_mcore / m2h['seconds']:>10.2f}",
               flush=True)
         shutil.rmtree(work)
 

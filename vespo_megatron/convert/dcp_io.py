@@ -12,11 +12,13 @@ the checkpoint has, e.g. one written by Megatron under TP/EP), so memory stays a
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
 import pickle
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -48,12 +50,52 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().clone()
 
 
+@contextlib.contextmanager
+def _no_zip_crc() -> Iterator[None]:
+    """torch.save without the zip CRC32 (half of the write time; ``torch.load`` does not check it)."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+class _FileWindow(io.RawIOBase):
+    """Read-only view of bytes [start, start + length) of an open file, as its own seekable stream."""
+
+    def __init__(self, handle: io.RawIOBase, start: int, length: int) -> None:
+        super().__init__()
+        self.handle, self.start, self.length, self.pos = handle, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = min(max(base + offset, 0), self.length)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")[: self.length - self.pos]
+        self.handle.seek(self.start + self.pos)
+        n = self.handle.readinto(view) or 0
+        self.pos += n
+        return n
+
+
 def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], int, torch.Tensor]],
                     objects: Iterable[str] = ()) -> list[Piece]:
     """Write tensor chunks (key, global shape, offset, number of leading axes, tensor), then the empty ``[None]``
     objects (Megatron's ``_extra_state`` of linear layers without Transformer Engine) to ``path``; return the pieces."""
     pieces: list[Piece] = []
-    with open(path, "wb") as handle:
+    with open(path, "wb") as handle, _no_zip_crc():
         for key, global_shape, offset, lead, tensor in chunks:
             tensor = _compact(tensor.reshape((1,) * lead + tuple(tensor.shape)))
             start = handle.tell()
@@ -148,18 +190,25 @@ class DcpCheckpoint:
     def read_region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The box [offsets, offsets + sizes) of the global tensor ``key``."""
         md = self.metadata.state_dict_metadata[key]
-        dest = torch.empty(sizes, dtype=md.properties.dtype)
         items = create_read_items_for_chunk_list(key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
-        covered = sum(int(torch.Size(item.lengths).numel()) for item in items)
-        if covered != dest.numel():
-            raise ConversionError(f"the checkpoint covers {covered} of the {dest.numel()} elements at offset {list(offsets)}",
+        covered = sum(math.prod(item.lengths) for item in items)
+        if covered != math.prod(sizes):
+            raise ConversionError(f"the checkpoint covers {covered} of the {math.prod(sizes)} elements at offset {list(offsets)}",
                                   file=self.dir / ".metadata", tensor=key)
+        info = self.metadata.storage_data[items[0].storage_index]
         try:
+            if len(items) == 1 and not info.transform_descriptors:  # one stored chunk holds the region: load it directly
+                with open(self.dir / info.relative_path, "rb", buffering=0) as handle:
+                    chunk = torch.load(_FileWindow(handle, info.offset, info.length), map_location="cpu", weights_only=True)
+                region = chunk
+                for dim, (start, length) in enumerate(zip(items[0].storage_offsets, items[0].lengths)):
+                    region = region.narrow(dim, start, length)
+                return region if region.shape == chunk.shape else region.clone()
+            dest = torch.empty(sizes, dtype=md.properties.dtype)
             self.reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
+            return dest
         except Exception as err:
-            files = sorted({self.metadata.storage_data[item.storage_index].relative_path for item in items})
-            raise ConversionError(f"cannot read tensor data: {err}", file=self.dir / files[0], tensor=key) from err
-        return dest
+            raise ConversionError(f"cannot read tensor data: {err}", file=self.dir / info.relative_path, tensor=key) from err
 
     def read(self, key: str, index: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor [shape] at position ``index`` of the leading axes of ``key``."""

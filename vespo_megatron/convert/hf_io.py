@@ -2,7 +2,8 @@
 
 Reading never loads a file: :class:`HfCheckpoint` parses the safetensors headers only (names, shapes, dtypes) and
 checks them against the index json and the expected tensors; :meth:`HfCheckpoint.session` opens files lazily with
-``safe_open`` and closes them when the session ends, so the pages of one conversion unit are released before the next.
+``safe_open`` and closes them when the session ends (the converter opens one session per rule, so the mapped pages
+of only one rule's sources are resident at a time).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from vespo_megatron.convert import dcp_io, mapping, rank_shards
-from vespo_megatron.convert.hf_io import INDEX, HfCheckpoint, HfSession
+from vespo_megatron.convert.hf_io import INDEX, HfCheckpoint
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
 from vespo_megatron.convert.plan import Plan, PlannedFile, progress
 from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
@@ -45,10 +45,12 @@ def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) ->
     return tensor.float() if rule.fp32 else tensor.to(dtype)
 
 
-def converted(spec: ModelSpec, unit: mapping.Unit, session: HfSession, dtype: torch.dtype | None) -> Iterator[tuple[mapping.Rule, torch.Tensor]]:
-    """(rule, Megatron tensor) for each rule of ``unit``, one at a time."""
+def converted(spec: ModelSpec, unit: mapping.Unit, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> Iterator[tuple[mapping.Rule, torch.Tensor]]:
+    """(rule, Megatron tensor) for each rule of ``unit``, one at a time; the source files are mapped per rule only."""
     for rule in unit.rules:
-        yield rule, cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
+        with ckpt.session() as session:
+            tensor = cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
+        yield rule, tensor
 
 
 def _assets(src: Path) -> list[Path]:
@@ -75,10 +77,10 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     units = mapping.units(spec)
     names = [f"__0_{k}.distcp" for k in range(len(units))]
     sizes = [sum(_nbytes(r, ckpt, options.dtype) for r in unit.rules) for unit in units]
-    in_sizes = [sum(ckpt.nbytes(n) for r in unit.rules for n in r.hf) for unit in units]
     largest_rule = max(_nbytes(r, ckpt, options.dtype) for r in mapping.rules(spec))
     files = [PlannedFile(n, (u.name,), len(u.rules), b) for n, u, b in zip(names, units, sizes)]
-    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, max(in_sizes) + 2 * largest_rule)
+    # one rule's sources and result at a time (+ one unit of per-rank slices, which are written per unit)
+    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + (max(sizes) if options.per_rank else 0))
     if ignored:
         plan.notes.append(f"ignored {len(ignored)} source tensors matching {options.ignore!r}: {', '.join(ignored[:4])}…")
     if options.per_rank:
@@ -95,18 +97,16 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
             if journal.is_done(k):
                 bar.update(sizes[k])
                 continue
-            with ckpt.session() as session:
-                chunks = converted(spec, unit, session, options.dtype)
-                if writers:
-                    chunks = writers.tee(chunks)
-                pieces: list = []
+            chunks = converted(spec, unit, ckpt, options.dtype)
+            if writers:
+                chunks = writers.tee(chunks)
+            pieces: list = []
+            objects = [key for key in map(mapping.extra_state_key, unit.rules) if key]
 
-                objects = [key for key in map(mapping.extra_state_key, unit.rules) if key]
+            def write(tmp: Path) -> None:
+                pieces.extend(dcp_io.write_data_file(tmp, _tracked(chunks, bar), objects))
 
-                def write(tmp: Path) -> None:
-                    pieces.extend(dcp_io.write_data_file(tmp, _tracked(chunks, bar), objects))
-
-                atomic_write(dst / name, write, journal.tmp, options.fsync)
+            atomic_write(dst / name, write, journal.tmp, options.fsync)
             if writers:
                 writers.flush(k, journal, options.fsync)
             journal.mark(k, pieces, options.fsync)

@@ -1,8 +1,8 @@
 """The plan of a conversion (output files, bytes, peak-memory estimate) as printed by ``--dry-run``, and the progress bar.
 
-Peak memory of the streaming converters is about one output file's tensors (written tensor by tensor for
-torch_dist, in one ``save_file`` call for safetensors) plus the largest single tensor being re-laid out (its source
-and its result), independent of the number of layers.
+Peak memory estimates, independent of the number of layers: HF -> Megatron writes tensor by tensor, so about the
+largest tensor re-layout (its sources and its result); Megatron -> HF holds one output shard (one ``save_file`` call)
+plus the largest region being read and split.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Plan:
         for f in self.files:
             units = f.units[0] if len(f.units) == 1 else f"{f.units[0]} … {f.units[-1]}"
             lines.append(f"  {f.name:<36} {units:<24} {f.tensors:>7} tensors {human(f.nbytes):>10}")
-        lines.append(f"peak memory estimate: {human(self.peak_bytes)} (largest file + largest tensor re-layout)")
+        lines.append(f"peak memory estimate: {human(self.peak_bytes)}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -92,14 +92,13 @@ def _hf_vs_mcore(report: VerifyReport, hf: HfCheckpoint, ckpt: DcpCheckpoint, sh
     spec, _ = checkpoint_spec(ckpt, load_hf_config(hf.dir))
     produced: set[str] = set()
     with progress(sum(hf.nbytes(n) for n in hf.tensors), "verify", show) as bar:
-        for unit in mapping.units(spec):
+        for rule in mapping.rules(spec):
             with hf.session() as session:
-                for rule in unit.rules:
-                    for name, tensor in mapping.to_hf(spec, rule, ckpt.read(rule.key, rule.index, rule.shape)):
-                        produced.add(name)
-                        if name in hf.tensors:
-                            report.compare(name, session.get(name), tensor)
-                            bar.update(hf.nbytes(name))
+                for name, tensor in mapping.to_hf(spec, rule, ckpt.read(rule.key, rule.index, rule.shape)):
+                    produced.add(name)
+                    if name in hf.tensors:
+                        report.compare(name, session.get(name), tensor)
+                        bar.update(hf.nbytes(name))
     report.only_a = sorted(set(hf.tensors) - produced)
     report.only_b = sorted(produced - set(hf.tensors))
 
