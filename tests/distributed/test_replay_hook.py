@@ -166,6 +166,9 @@ def test_recomputation_inside_backward_replays_each_micro_batch_target():
     recomputed = [ids_of(m) for m in model.layers[1].maps[len(forward_maps):]]
     assert forward_maps == [[[0, 1]] * 3, [[2, 3]] * 3]
     assert recomputed == forward_maps
+    with replay.phase("old_logprob", targets), torch.no_grad():  # forward-only: nothing will be recomputed
+        model(logits)
+        assert not model.layers[1].router_replay.recompute
 
 
 def test_model_and_misuse_errors():

@@ -15,10 +15,10 @@ not counted). Routing those live keeps the routing of a model replaying its own 
 everywhere, so its log-probs are bit-identical (a filler routing of pads would change the experts' GEMM batches).
 
 Micro-batches: a forward pre-hook on each model chunk advances that chunk's micro-batch cursor (any PP schedule runs
-a chunk's forwards in micro-batch order). Activation recomputation re-runs routers inside backward; a router call
-with grad disabled outside backward (checkpointed forward, forward-only pass) queues its target, and a call inside
-backward pops the oldest one (backward runs micro-batches in forward order). Every :meth:`RoutingReplay.phase`
-clears these queues and targets on exit, forward-only passes included.
+a chunk's forwards in micro-batch order). Activation recomputation re-runs routers inside backward: in a forward
+that tracks gradients, a router call with grad disabled (a checkpointed region) queues its target, and a call inside
+backward pops the oldest one (backward runs micro-batches in forward order); forward-only passes queue nothing.
+Every :meth:`RoutingReplay.phase` clears these queues and targets on exit.
 
 Router rows are the router input [s/tp, b=1, h] flattened (this rank's SP slice of its CP pack), i.e. exactly the
 rows of a :class:`~vespo_megatron.routing.shard.LocalTrace`.
@@ -77,7 +77,8 @@ class _RouterSlot:
         self.action: Optional[str] = None  # None (live), "record" or "replay"
         self.target: Optional[torch.Tensor] = None  # [T, k] int64 (any value on live rows)
         self.live_rows: Optional[torch.Tensor] = None  # [T] bool rows routed live, or None when there is none
-        self.recompute: deque = deque()
+        self.recompute: deque = deque()  # targets of checkpointed calls, for their recomputation in backward
+        self.grad_forward = False  # this micro-batch's model forward tracks gradients (recomputation possible)
         self.recorded: list[torch.Tensor] = []  # R2: [T, k] compact, one per micro-batch forward
 
     def set_target(self, target: torch.Tensor, live_rows: Optional[torch.Tensor]) -> None:
@@ -115,7 +116,7 @@ class _RouterSlot:
                 raise RuntimeError(f"routing replay, trace column {self.column}: no routing installed for this "
                                    "micro-batch")
             target, live_rows = self.target, self.live_rows
-            if not torch.is_grad_enabled():
+            if self.grad_forward and not torch.is_grad_enabled():
                 self.recompute.append((target, live_rows))
         if target.shape != (scores.shape[0], topk):
             raise ValueError(f"routing replay, trace column {self.column}: the trace has {tuple(target.shape)} "
@@ -226,6 +227,8 @@ class RoutingReplay:
                 return  # outside a phase: live routing; inside backward: a recomputation, served by the queues
             micro = self._cursor[chunk_index]
             self._cursor[chunk_index] += 1
+            for slot in self._slots[chunk_index]:
+                slot.grad_forward = torch.is_grad_enabled()
             self._install(chunk_index, micro)
 
         return pre_forward

@@ -195,8 +195,8 @@ def _shape_rows(flat: np.ndarray, spec: TraceSpec, sample: Any, start: int, expe
     if expected_rows and flat.size != expected_rows * per_row and flat.size % expected_rows == 0:
         got = flat.size // expected_rows
         alt = f" (or {flat.size // per_row} rows of a different sample length)" if whole else ""
-        layers, topk = got // spec.topk if got % spec.topk == 0 else None, got // spec.num_hf_layers
-        topk = topk if got % spec.num_hf_layers == 0 else None
+        layers = got // spec.topk if got % spec.topk == 0 else None
+        topk = got // spec.num_hf_layers if got % spec.num_hf_layers == 0 else None
         if layers and topk:
             raise TraceError(sample, f"wrong layer count or topk: {got} ids per row, the model has "
                                      f"{spec.num_hf_layers} layers x topk {spec.topk}{alt}", row=start)
