@@ -90,3 +90,29 @@ def test_logits_parity_check_and_cli(converted, capsys):
     assert cli(["convert", "verify", str(src), str(mc), "--logits", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bitwise equal" in out and "max_abs_diff" in out
+
+
+def test_stacked_keys_load_into_a_homogeneous_megatron_model(converted, tmp_path):
+    """Megatron stacks the layers of a homogeneous model (moe_layer_freq=1) on a leading axis of each key."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from vespo_megatron.megatron.model import transformer_config
+
+    src, per_layer = converted["mixtral"]
+    stacked = tmp_path / "stacked"
+    assert cli(["convert", "hf-to-mcore", str(src), str(stacked), "--stacked-layers", "--no-progress"]) == 0
+    config = AutoModelForCausalLM.from_pretrained(src).config
+    model = GPTModel(transformer_config(config, moe_layer_freq=1),
+                     get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm"),
+                     vocab_size=256, max_sequence_length=512, position_embedding_type="rope")
+    spec = model_spec(config, stacked=True)
+    assert {s.key: tuple(s.global_shape) for s in local_shards(model)} == mapping.global_shapes(spec)
+    ours = {mapping.extra_state_key(r) for r in mapping.rules(spec)} - {None}
+    assert {o.unique_key for o in objects(model.sharded_state_dict())} == ours
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(stacked)), strict=False)
+    reference = build_megatron(config)
+    reference.load_state_dict(dist_checkpointing.load(reference.sharded_state_dict(), str(per_layer)), strict=False)
+    expected = {k: v for k, v in reference.state_dict().items() if not k.endswith("_extra_state")}
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
