@@ -87,9 +87,11 @@ def test_logits_parity_check_and_cli(converted, capsys):
     src, mc = converted["glm4_moe"]
     result = logits_parity(src, mc)
     assert result["max_abs_diff"] < ATOL < result["max_abs_logit"]
-    assert cli(["convert", "verify", str(src), str(mc), "--logits", "--no-progress"]) == 0
+    assert cli(["convert", "verify", str(mc), str(src), "--logits", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bitwise equal" in out and "max_abs_diff" in out
+    assert cli(["convert", "verify", str(src), str(src), "--logits", "--no-progress"]) == 2
+    assert "needs one HF and one Megatron checkpoint" in capsys.readouterr().err
 
 
 def test_stacked_keys_load_into_a_homogeneous_megatron_model(converted, tmp_path):

@@ -128,9 +128,16 @@ def _verify(args: argparse.Namespace) -> int:
         print(report.render())
         status = 0 if report.ok else 1
         if args.logits:
-            from vespo_megatron.convert.parity import logits_parity
+            from pathlib import Path
 
-            result = logits_parity(args.a, args.b)
+            from vespo_megatron.convert.errors import ConversionError
+            from vespo_megatron.convert.parity import logits_parity
+            from vespo_megatron.convert.verify import kind
+
+            pair = {kind(Path(args.a)): args.a, kind(Path(args.b)): args.b}
+            if set(pair) != {"hf", "mcore"}:
+                raise ConversionError("--logits needs one HF and one Megatron checkpoint", file=args.b)
+            result = logits_parity(pair["hf"], pair["mcore"])
             print("logits: " + ", ".join(f"{k} {v:.3g}" for k, v in result.items()) + f" (atol {args.atol:g})")
             status = max(status, int(result["max_abs_diff"] > args.atol))
         return status

@@ -69,11 +69,10 @@ def _hf_vs_hf(report: VerifyReport, a: HfCheckpoint, b: HfCheckpoint, show: bool
     report.only_b = sorted(set(b.tensors) - set(a.tensors))
     common = sorted(set(a.tensors) & set(b.tensors), key=lambda n: (a.tensors[n].file, n))
     with progress(sum(a.nbytes(n) for n in common), "verify", show) as bar:
-        for file in dict.fromkeys(a.tensors[n].file for n in common):
-            with a.session() as sa, b.session() as sb:
-                for name in (n for n in common if a.tensors[n].file == file):
-                    report.compare(name, sa.get(name), sb.get(name))
-                    bar.update(a.nbytes(name))
+        for name in common:
+            with a.session() as sa, b.session() as sb:  # one tensor pair mapped at a time
+                report.compare(name, sa.get(name), sb.get(name))
+            bar.update(a.nbytes(name))
 
 
 def _mcore_vs_mcore(report: VerifyReport, a: DcpCheckpoint, b: DcpCheckpoint) -> None:
