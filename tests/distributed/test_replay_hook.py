@@ -151,6 +151,10 @@ def test_r2_replays_each_micro_batch_recording_in_order():
         with pytest.raises(RuntimeError, match="micro-batch 3 has no recording"):
             model(LOGITS)
     assert [ids_of(m) for m in model.layers[1].maps[3:6]] == recorded
+    with replay.phase("update", first_micro=1):  # a mini-batch update over recorded micro-batches 1 and 2
+        for logits in batches[1:]:
+            model(torch.zeros_like(logits))
+    assert [ids_of(m) for m in model.layers[1].maps[6:8]] == recorded[1:]
 
 
 def test_recomputation_inside_backward_replays_each_micro_batch_target():

@@ -143,7 +143,7 @@ class RoutingReplay:
         with replay.phase("old_logprob", routing):   # r2: records; r3: replays the rollout's experts
             old_log_probs(model, micro_batches)
         with replay.phase("update", routing):        # r2: replays the recording (routing unused); r3 replays
-            forward_backward(model, micro_batches, settings)
+            forward_backward(model, micro_batches, settings)  # r2 over mini-batches: first_micro=offset
         metrics = replay.health.pop(group)
     """
 
@@ -175,6 +175,7 @@ class RoutingReplay:
             self._slots.append(slots)
         self._routing: Optional[Sequence[Routing]] = None
         self._phase: Optional[str] = None
+        self._first = 0
         self._cursor = [0] * len(self.chunks)
         if mode != "off":
             self._hooks = [chunk.register_forward_pre_hook(self._hook(ci)) for ci, chunk in enumerate(self.chunks)]
@@ -197,8 +198,14 @@ class RoutingReplay:
         self._originals, self._hooks = [], []
 
     @contextlib.contextmanager
-    def phase(self, name: str, routing: Optional[Sequence[Optional[Routing]]] = None) -> Iterator["RoutingReplay"]:
-        """One pass over the micro-batches: ``old_logprob`` (forward only) or ``update`` (forward + backward)."""
+    def phase(
+        self, name: str, routing: Optional[Sequence[Optional[Routing]]] = None, first_micro: int = 0
+    ) -> Iterator["RoutingReplay"]:
+        """One pass over micro-batches: ``old_logprob`` (forward only) or ``update`` (forward + backward).
+
+        ``routing`` (r3): one entry per micro-batch of this pass. ``first_micro`` (r2 updates): index, among the
+        micro-batches the old-log-prob pass recorded, of this pass's first one (an update over one mini-batch).
+        """
         if name not in PHASES:
             raise ValueError(f"phase {name!r} is not one of {PHASES}")
         if self._phase is not None:
@@ -212,7 +219,8 @@ class RoutingReplay:
                 slot.action = None if self.mode == "off" else "record" if recording else "replay"
                 if recording:
                     slot.recorded = []
-        self._phase, self._routing, self._cursor = name, routing, [0] * len(self.chunks)
+        self._phase, self._routing, self._first = name, routing, first_micro
+        self._cursor = [0] * len(self.chunks)
         try:
             yield self
         finally:
@@ -238,6 +246,7 @@ class RoutingReplay:
         if not slots or slots[0].action != "replay":
             return
         if self.mode == "r2":
+            micro += self._first
             for slot in slots:
                 if micro >= len(slot.recorded):
                     raise RuntimeError(f"r2: update micro-batch {micro} has no recording (the old-log-prob pass "
