@@ -15,6 +15,8 @@ import numpy as np
 
 from vespo_megatron.packing.sample import Sample
 from vespo_megatron.rollout.records import RolloutRecord
+from vespo_megatron.routing.trace import PackedTrace, TraceSpec
+from vespo_megatron.routing.trace import pack as pack_trace
 
 
 @dataclass
@@ -25,23 +27,21 @@ class RolloutBatch:
     rewards: np.ndarray  # [gbs]
     group_ids: list[int]  # [gbs] prompt index of each sample
 
-    def samples(self, advantages: np.ndarray, moe_layers: list[int], with_routing: bool) -> list[Sample]:
-        """Packer samples; routing keeps only the MoE layers' columns (dense layers have no router)."""
-        out = []
-        for record, adv in zip(self.records, advantages.tolist()):
-            routing = None
-            if with_routing:
-                if record.routing is None:
-                    raise ValueError(f"request {record.rid}: routing replay r3 needs routed experts from the engine")
-                routing = np.ascontiguousarray(record.routing[:, moe_layers])
-            out.append(Sample(
-                prompt=np.asarray(record.prompt_ids, np.int64),
-                response=np.asarray(record.response_ids, np.int64),
-                rollout_logprobs=np.asarray(record.logprobs, np.float32),
-                routing=routing,
-                advantage=float(adv),
-            ))
-        return out
+    def samples(self, advantages: np.ndarray) -> list[Sample]:
+        """Packer samples (tokens, rollout log-probs, advantage), in batch order."""
+        return [Sample(prompt=np.asarray(record.prompt_ids, np.int64),
+                       response=np.asarray(record.response_ids, np.int64),
+                       rollout_logprobs=np.asarray(record.logprobs, np.float32),
+                       advantage=float(adv))
+                for record, adv in zip(self.records, advantages.tolist())]
+
+    def routing_trace(self, spec: TraceSpec) -> PackedTrace:
+        """The engine's experts of every sample, validated and stored compactly [Σrows, num_moe_layers, topk]."""
+        missing = [r.rid for r in self.records if r.routing is None]
+        if missing:
+            raise ValueError(f"request {missing[0]}: routing replay r3 needs routed experts from the engine")
+        return pack_trace([np.ascontiguousarray(r.routing[:, list(spec.moe_layers)]) for r in self.records], spec,
+                          sample_ids=[r.rid for r in self.records])
 
 
 Produce = Callable[[int, int], RolloutBatch]  # (iteration, policy version) -> batch

@@ -36,6 +36,7 @@ from vespo_megatron.objectives.advantages import grpo_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
 from vespo_megatron.packing import pack, plan_micro_batches
 from vespo_megatron.routing.replay import RoutingReplay
+from vespo_megatron.routing.shard import batch_shard
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
@@ -74,7 +75,7 @@ class Trainer:
                       ep=cfg.expert_model_parallel_size, etp=1, seed=cfg.seed)
         self.hf = load_hf_config(cfg.hf_checkpoint)
         self.spec = model_spec(self.hf)
-        self.model = build_model(self.hf, dtype=torch.float32, routing_replay=cfg.routing_replay != "off")
+        self.model = build_model(self.hf, dtype=torch.float32)
         if mcore_checkpoint:
             state = dist_checkpointing.load(self.model.sharded_state_dict(), mcore_checkpoint)
             self.model.load_state_dict(state, strict=False)
@@ -89,7 +90,6 @@ class Trainer:
                                      exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
                                      hparams=PolicyLossConfig.from_hparams(**cfg.hparams))
         pattern = moe_layer_pattern(self.hf)
-        self.moe_layers = [i for i, flag in enumerate(pattern) if flag]
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
         self.iteration, self.version = 0, 0
         if cfg.load:
@@ -122,7 +122,8 @@ class Trainer:
 
     def _mini_batches(self, batch: RolloutBatch, advantages: np.ndarray) -> list[list[MicroBatch]]:
         cfg = self.cfg
-        samples = batch.samples(advantages, self.moe_layers, with_routing=cfg.routing_replay == "r3")
+        samples = batch.samples(advantages)
+        trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
         size = len(samples) // cfg.num_mini_batches
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
@@ -134,8 +135,11 @@ class Trainer:
             tokens = float(sum(len(s.response) for s in chunk))
             mbs = []
             for ids in plan.micro_batches[dp_rank]:
-                mb = micro_batch(pack([chunk[i] for i in ids], cp=1, sp=tp, sample_ids=ids), 0, tp_rank)
+                packed = pack([chunk[i] for i in ids], cp=1, sp=tp, sample_ids=[k * size + i for i in ids])
+                mb = micro_batch(packed, 0, tp_rank)
                 mb.global_tokens, mb.global_seqs = tokens, float(len(chunk))
+                if trace is not None:  # this rank's SP slice of its stage's MoE layers; pads route live
+                    mb.routing = batch_shard(trace, packed, 0, tp_rank, self.replay.layer_columns)
                 mbs.append(mb)
             minis.append(mbs)
         return minis
