@@ -104,12 +104,17 @@ def _patch_rng_tracker() -> None:
     """Megatron's model-parallel RNG tracker keeps CUDA generator states; on CPU it keeps CPU generator states."""
     from megatron.core.tensor_parallel import random
 
+    if hasattr(random._get_cuda_rng_state, "__wrapped__"):
+        return
+
     def get_state(device: object = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
         return torch.get_rng_state()
 
     def set_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
         torch.set_rng_state(new_state)
 
+    get_state.__wrapped__ = random._get_cuda_rng_state  # fingerprints read the upstream code, patched or not
+    set_state.__wrapped__ = random._set_cuda_rng_state
     random._get_cuda_rng_state = get_state
     random._set_cuda_rng_state = set_state
 
