@@ -8,10 +8,12 @@ small files of the source (generation config, tokenizer) are kept under ``DEST/h
 from __future__ import annotations
 
 import dataclasses
+import queue
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 import torch
 
@@ -22,6 +24,7 @@ from vespo_megatron.convert.plan import Plan, PlannedFile, progress
 from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
 
 ASSETS_DIR = "hf"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,43 @@ def converted(spec: ModelSpec, unit: mapping.Unit, ckpt: HfCheckpoint, dtype: to
         with ckpt.session() as session:
             tensor = cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
         yield rule, tensor
+
+
+def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """``items`` produced by a background thread up to ``depth`` ahead, so reading and re-layout overlap the writes
+    (both release the GIL in their copies); an exception in the producer is raised here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((end, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            slots.put((end, err))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _assets(src: Path) -> list[Path]:
@@ -97,7 +137,7 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
             if journal.is_done(k):
                 bar.update(sizes[k])
                 continue
-            chunks = converted(spec, unit, ckpt, options.dtype)
+            chunks = prefetched(converted(spec, unit, ckpt, options.dtype))
             if writers:
                 chunks = writers.tee(chunks)
             pieces: list = []
