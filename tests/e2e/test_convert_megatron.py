@@ -87,6 +87,7 @@ def test_logits_parity_check_and_cli(converted, capsys):
     src, mc = converted["glm4_moe"]
     result = logits_parity(src, mc)
     assert result["max_abs_diff"] < ATOL < result["max_abs_logit"]
+    assert logits_parity(src)["max_abs_diff"] < ATOL  # the same mapping, in memory
     assert cli(["convert", "verify", str(mc), str(src), "--logits", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "bitwise equal" in out and "max_abs_diff" in out

@@ -1,7 +1,7 @@
 """Logits parity: the HF transformers model and the Megatron model run on the same tokens.
 
 The Megatron model is vespo's ``build_model`` (local spec, current parallel state) loaded with the global tensors of
-a converted checkpoint. ``glm4_moe`` (DeepSeek-V3-style MoE with GQA attention) is built through its DeepSeek-V3
+a converted checkpoint, or, without one, with the HF weights converted in memory by the same mapping. ``glm4_moe`` (DeepSeek-V3-style MoE with GQA attention) is built through its DeepSeek-V3
 twin: the same MoE fields, with head size and q/k norm passed as overrides (full rotary only, as ``build_model`` has
 no partial rotary). Metric: max |z_hf − z_mcore| over [batch, seq, V] (vocabulary padding columns excluded).
 """
@@ -13,6 +13,9 @@ from typing import Any, Mapping
 import torch
 
 from vespo_megatron.convert.dcp_io import DcpCheckpoint
+from vespo_megatron.convert.hf_io import HfCheckpoint
+from vespo_megatron.convert.inmemory import hf_to_mcore_tensors
+from vespo_megatron.convert.spec import model_spec
 
 
 def megatron_build_args(hf_config: Any) -> tuple[Any, dict[str, Any]]:
@@ -62,9 +65,12 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor, dtype: torch.dtype = tor
         return model(tokens).logits
 
 
-def logits_parity(hf_dir: str | Path, mcore: str | Path | Mapping[str, torch.Tensor], *, batch: int = 2, seq: int = 16,
-                  seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """Run both models (1 rank) on random tokens; return max and mean |Δ logits| and the logits' scale."""
+def logits_parity(hf_dir: str | Path, mcore: str | Path | Mapping[str, torch.Tensor] | None = None, *, batch: int = 2,
+                  seq: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Run both models (1 rank) on random tokens; return max and mean |Δ logits| and the logits' scale.
+
+    ``mcore``: a torch_dist directory, global tensors by key, or None (convert ``hf_dir`` in memory).
+    """
     from transformers import AutoConfig
 
     from vespo_megatron.megatron.parallel import init_parallel
@@ -74,6 +80,9 @@ def logits_parity(hf_dir: str | Path, mcore: str | Path | Mapping[str, torch.Ten
     tokens = torch.randint(0, hf_config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     init_parallel()
     model = build_megatron(hf_config, dtype=dtype).eval()
+    if mcore is None:
+        with HfCheckpoint(hf_dir).session() as session:
+            mcore = dict(hf_to_mcore_tensors(model_spec(hf_config), session.get))
     load_global(model, read_global(DcpCheckpoint(mcore)) if isinstance(mcore, (str, Path)) else mcore)
     ours = megatron_logits(model, tokens)[..., : hf_config.vocab_size].float()
     ref = hf_logits(hf_dir, tokens, dtype).float()
