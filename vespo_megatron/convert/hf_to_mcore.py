@@ -1,8 +1,8 @@
 """HF checkpoint directory -> Megatron-Core torch_dist checkpoint (optionally also per-rank shards), streamed by unit.
 
 All checks (config, layout, every tensor's presence and shape, destination) run before anything is written. Then each
-unit (embedding, one layer, head) is converted rule by rule — only the rule's HF tensors and its Megatron tensor are
-in memory at a time — into its own ``.distcp`` file, renamed into place and journaled. The HF config and the other
+unit (embedding, one layer, head) is converted rule by rule — the rule being written and the next one (re-laid out by
+a background thread) are all that is in memory — into its own ``.distcp`` file, renamed into place and journaled. The HF config and the other
 small files of the source (generation config, tokenizer) are kept under ``DEST/hf/`` for the way back.
 """
 from __future__ import annotations
