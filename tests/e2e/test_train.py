@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -67,3 +69,11 @@ def test_unreachable_engine_fails_at_start(hf_dir):
 
     with pytest.raises(ConnectionError, match="unreachable"):
         preflight(_cfg(hf_dir, sglang_url=f"http://127.0.0.1:{free_port()}"))
+
+
+def test_async_training_runs_with_bounded_lag(hf_dir):
+    history = run_training(_cfg(hf_dir, async_rollout=True, max_lag=1, routing_replay="off"), quiet=True)
+    assert [it for it, _ in history] == [0, 1, 2]
+    lags = [m["policy_lag"] for _, m in history]
+    assert all(0 <= lag <= 1 for lag in lags)
+    assert all(np.isfinite(m["loss"]) for _, m in history)

@@ -61,17 +61,18 @@ class SyncRollouts:
 
 
 class AsyncRollouts:
-    """A producer thread generates batches ahead into a queue of ``max_lag`` slots.
+    """A producer thread generates batches ahead of the trainer.
 
-    A batch generated at version u is consumed at a version v ≤ u + max_lag: at most ``max_lag`` batches wait in the
-    queue, and the version advances by one per consumed batch. ``get`` checks the bound.
+    The trainer consumes the batch of iteration j at policy version j (one version per step), so generation for
+    iteration j starts only once the version is ≥ j − max_lag: every batch is at most ``max_lag`` versions old when it
+    is used (a response may still span versions when weights change during its generation). ``get`` checks the bound.
     """
 
     def __init__(self, produce: Produce, first_iteration: int, max_lag: int, current_version: Callable[[], int]):
         if max_lag < 1:
             raise ValueError(f"max_lag: must be >= 1, got {max_lag}")
         self.max_lag = max_lag
-        self._queue: queue.Queue = queue.Queue(maxsize=max_lag)
+        self._queue: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(
@@ -82,13 +83,10 @@ class AsyncRollouts:
     def _run(self, produce: Produce, iteration: int, current_version: Callable[[], int]) -> None:
         try:
             while not self._stop.is_set():
-                batch = produce(iteration, current_version())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                if current_version() < iteration - self.max_lag:
+                    self._stop.wait(0.01)
+                    continue
+                self._queue.put(produce(iteration, current_version()))
                 iteration += 1
         except BaseException as err:  # noqa: BLE001 - re-raised in the trainer's thread
             self._error = err
