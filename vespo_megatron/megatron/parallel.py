@@ -29,9 +29,11 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, etp: int |
     """Initialise torch.distributed (from the env:// variables) and Megatron's model-parallel groups and RNG."""
     compat.install()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        dist.init_process_group(backend())
+        if "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
+            dist.init_process_group(backend())
+        else:  # a plain single process: a private store, nothing written to the environment
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+            dist.init_process_group(backend(), store=store, rank=0, world_size=1)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
@@ -70,7 +72,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     torch.set_num_threads(1)
     try:
         compat.install()
-        dist.init_process_group(backend(), rank=rank, world_size=world_size)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+        dist.init_process_group(backend(), store=store, rank=rank, world_size=world_size)
         # plain pickle: tensors travel by value (torch's queue reductions share fds that die with this process)
         queue.put((rank, True, pickle.dumps(fn(rank, *args))))
     except BaseException:  # noqa: BLE001 - the traceback travels to the parent
@@ -83,7 +86,9 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
     """Run ``fn(rank, *args)`` on ``world_size`` gloo/NCCL ranks; return the results in rank order."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    # the parent binds the rendezvous store itself (port 0 -> a free port): no window for another process to take it
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
+    port = store.port
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for proc in procs:
         proc.start()
@@ -102,6 +107,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
             proc.join(timeout=5 if errors else timeout)
             if proc.is_alive():
                 proc.kill()
+    del store
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
