@@ -10,6 +10,7 @@ sglang itself is imported lazily; without it only the paths that need it fail, s
 """
 from __future__ import annotations
 
+import abc
 import importlib
 import threading
 import time
@@ -53,7 +54,7 @@ class _Sample:
     sampling_params: dict[str, Any]
 
 
-class _ClientBase:
+class _ClientBase(abc.ABC):
     """Request building and record parsing shared by the HTTP and the in-process clients."""
 
     def __init__(self, routing: TraceSpec | None):
@@ -94,8 +95,9 @@ class _ClientBase:
             raise RolloutError(f"request {sample.rid}: {len(entries)} prompt log-probs for {len(token_ids)} tokens")
         return np.asarray([entry[0] for entry in entries[1:]], dtype=np.float32)
 
+    @abc.abstractmethod
     def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
-        raise NotImplementedError
+        """One response dict per sample, in order (HTTP or in-process)."""
 
 
 class SGLangClient(_ClientBase):
