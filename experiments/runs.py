@@ -53,12 +53,13 @@ def train(checkpoint_root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int) -> dict[str, dict[str, Any]]:
     """Run every {name: overrides} not cached in ``workdir`` (``jobs`` subprocesses at a time); returns all results.
 
-    A run that fails leaves no cache file; its stderr tail is printed and the others go on. Progress on stdout.
+    A cache file counts only if it was made with the same overrides (otherwise the run is redone). A run that fails
+    leaves no cache file; its stderr tail is printed and the others go on. Progress on stdout.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     for seed in sorted({overrides["seed"] for overrides in runs.values()}):
         make_checkpoint(workdir, seed)  # before the subprocesses, which would race to write it
-    todo = [name for name in runs if not (workdir / f"{name}.json").is_file()]
+    todo = [name for name in runs if _cached(workdir / f"{name}.json", runs[name]) is None]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs cached in {workdir}; running {len(todo)} with {jobs} jobs",
           flush=True)
     start = time.time()
@@ -77,8 +78,16 @@ def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int) -> dict[
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
-    return {name: json.loads((workdir / f"{name}.json").read_text())
-            for name in runs if (workdir / f"{name}.json").is_file()}
+    results = {name: _cached(workdir / f"{name}.json", overrides) for name, overrides in runs.items()}
+    return {name: result for name, result in results.items() if result is not None}
+
+
+def _cached(path: Path, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The result stored at ``path`` if it was made with ``overrides``, else None."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result["config"] == overrides else None
 
 
 KEPT = ("reward_mean", "response_len_mean", "entropy", "loss", "grad_norm", "policy_lag", "vespo/phi_mean",
