@@ -4,7 +4,7 @@ Per seed s: a tiny random Qwen3-MoE initialised with seed s, trained with VESPO 
 mini-batches per step) on RepeatTask; start reward = mean of reward_mean over the first ``--window`` steps, end reward
 = mean over the last ``--window`` steps, rise = end − start. Writes results/reward_curve.{json,md,png}.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/reward_curve.py        # about 8 minutes on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/reward_curve.py        # about 6 minutes on 2 cores
 """
 from __future__ import annotations
 

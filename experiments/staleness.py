@@ -9,7 +9,7 @@ Reported per run: final reward = mean reward_mean over the last ``--window`` ste
 and the last ``--window`` steps (VESPO-lin's length growth); entropy over the last ``--window`` steps (collapse);
 drop = final reward at N = 4 minus N = 64. Writes results/staleness.{json,md,png}.
 
-    OMP_NUM_THREADS=1 .venv/bin/python experiments/staleness.py        # about 50 minutes on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/staleness.py        # about 35 minutes on 2 cores
 """
 from __future__ import annotations
 
@@ -146,18 +146,18 @@ def figure(cells: dict, grouped: dict, args: argparse.Namespace):
     for col, mode in enumerate(args.modes):
         ax = axes[0][col]
         for loss in args.losses:
-            got = [(n, cells[cell(loss, n, mode)]) for n in args.n if cell(loss, n, mode) in cells]
+            got = [(i, cells[cell(loss, n, mode)]) for i, n in enumerate(args.n) if cell(loss, n, mode) in cells]
             if got:
-                ax.errorbar([n for n, _ in got], [c["final_reward"] for _, c in got],
+                ax.errorbar([i for i, _ in got], [c["final_reward"] for _, c in got],
                             yerr=[c["final_reward_std"] for _, c in got], marker="o", capsize=3, label=loss)
-        ax.set(xscale="log", xticks=args.n, xticklabels=[str(n) for n in args.n], xlabel="N (mini-batches per step)",
+        ax.set(xticks=range(len(args.n)), xticklabels=[str(n) for n in args.n], xlabel="N (mini-batches per step)",
                ylabel=f"final reward (last {args.window} steps)", title=f"{mode}: final reward vs staleness")
         ax.legend()
         ax = axes[1][col]
         for loss in ("vespo", "vespo-lin"):
-            for n in args.n:
+            for i, n in enumerate(args.n):
                 if cell(loss, n, mode) in grouped:
-                    ax.plot(*mean_curve(grouped[cell(loss, n, mode)], "response_len_mean"),
+                    ax.plot(*mean_curve(grouped[cell(loss, n, mode)], "response_len_mean"), color=f"C{i}",
                             ls="-" if loss == "vespo" else "--", label=f"{loss} N={n}")
         ax.set(xlabel="step", ylabel="mean response length (tokens)", title=f"{mode}: VESPO vs VESPO-lin length")
         ax.legend(fontsize=8)
