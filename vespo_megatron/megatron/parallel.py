@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import time
 import traceback
+from queue import Empty
 from typing import Any, Callable
 
 import torch
@@ -94,14 +96,22 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
         proc.start()
     results: dict[int, Any] = {}
     errors: list[str] = []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, ok, payload = queue.get(timeout=0.5)
+            except Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:
+                    errors.append(f"rank {dead[0][0]} died with exit code {dead[0][1]} before reporting")
+                elif time.monotonic() > deadline:
+                    errors.append(f"no result from every rank within {timeout:.0f} s")
+                continue
             if ok:
                 results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
-                break
     finally:
         for proc in procs:
             proc.join(timeout=5 if errors else timeout)

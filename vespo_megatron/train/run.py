@@ -74,6 +74,8 @@ def run_training(cfg: TrainConfig, world_size: Optional[int] = None, mcore_check
     """Start the engine if needed and train; returns rank 0's history [(iteration, metrics)]."""
     preflight(cfg, world_size)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
+        if cfg.sglang_url is None:
+            raise ValueError("--sglang-url: required under torchrun/srun (start the rollout engine separately)")
         return train_worker(int(os.environ["RANK"]), cfg, mcore_checkpoint, quiet)
     from transformers.utils import logging as hf_logging
 

@@ -187,26 +187,35 @@ class Trainer:
         return self.replay.phase(name, None, first_micro=offset) if name == "update" else self.replay.phase(name)
 
     def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
+        """Step metrics: loss and entropy summed over every micro-batch and rank; the objective's metrics reduced by
+        kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean over micro-batches)."""
         report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-        local = {"loss": sum(float(m["loss"]) for m in metrics), "tokens": sum(float(m["response_tokens"]) for m in metrics),
-                 "entropy_sum": sum(float(m["entropy_sum"]) for m in metrics)} if report else None
-        means = {k: float(np.mean([m[k] for m in metrics])) for k in (metrics[0] if metrics else {})
-                 if k.startswith("vespo/") and isinstance(metrics[0][k], float)} if report else None
+        mine = [{k: float(v) for k, v in m.items()} for m in metrics] if report else []
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (local, means))
-        parts = [g for g in gathered if g[0] is not None]
-        tokens = sum(p[0]["tokens"] for p in parts)
+        dist.all_gather_object(gathered, mine)
+        rows = [m for rank_rows in gathered for m in rank_rows]
+        tokens = sum(m["response_tokens"] for m in rows)
         out = {
-            "loss": sum(p[0]["loss"] for p in parts) / self.cfg.num_mini_batches,
-            "entropy": sum(p[0]["entropy_sum"] for p in parts) / max(tokens, 1.0),
+            "loss": sum(m["loss"] for m in rows) / self.cfg.num_mini_batches,
+            "entropy": sum(m["entropy_sum"] for m in rows) / max(tokens, 1.0),
             "reward_mean": float(np.mean(batch.rewards)),
             "response_len_mean": float(np.mean([len(r.response_ids) for r in batch.records])),
             "grad_norm": float(np.mean(grad_norms)),
             "lr": self._lr(),
             "policy_lag": float(self.version - 1 - batch.version),
         }
-        if parts and parts[0][1]:
-            out.update({k: float(np.mean([p[1][k] for p in parts])) for k in parts[0][1]})
+        for key in (rows[0] if rows else {}):
+            if key in ("loss", "entropy_sum", "response_tokens"):
+                continue
+            values = [m[key] for m in rows]
+            if key.endswith("_min"):
+                out[key] = min(values)
+            elif key.endswith("_max"):
+                out[key] = max(values)
+            elif "count" in key or "/n_" in key:
+                out[key] = sum(values)
+            else:
+                out[key] = float(np.mean(values))
         if self.replay is not None:
             out.update(self.replay.health.pop(dist.group.WORLD))
         return out
