@@ -117,7 +117,9 @@ def _check_family(model_type: str | None, file: str | Path) -> None:
         raise ConversionError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(FAMILIES)}", file=file)
 
 
-def _moe_layers(hf, family: str) -> tuple[bool, ...]:
+def moe_layers(hf, family: str | None = None) -> tuple[bool, ...]:
+    """[num_hidden_layers] True where the HF decoder layer is an MoE layer (dense layers: False)."""
+    family = family or hf.model_type
     n = hf.num_hidden_layers
     if family == "qwen3_moe":
         dense = set(hf.mlp_only_layers or [])
@@ -132,8 +134,8 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = Fals
     family = hf.model_type
     _check_family(family, config_file)
     dsv3_moe = family == "glm4_moe"
-    moe_layers = _moe_layers(hf, family)
-    if stacked and len(set(moe_layers)) > 1:
+    pattern = moe_layers(hf, family)
+    if stacked and len(set(pattern)) > 1:
         raise ConversionError("stacked layer keys need homogeneous layers, but dense and MoE layers are mixed", file=config_file)
     return ModelSpec(
         family=family,
@@ -145,8 +147,8 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = Fals
         vocab_size=hf.vocab_size,
         padded_vocab_size=padded_vocab(hf.vocab_size, tp, divisible_by),
         tied=bool(hf.tie_word_embeddings),
-        moe_layers=moe_layers,
-        num_experts=hf.num_local_experts if any(moe_layers) else 0,
+        moe_layers=pattern,
+        num_experts=hf.num_local_experts if any(pattern) else 0,
         ffn=hf.intermediate_size,
         moe_ffn=hf.intermediate_size if family == "mixtral" else hf.moe_intermediate_size,
         shared_ffn=hf.moe_intermediate_size * hf.n_shared_experts if dsv3_moe and hf.n_shared_experts else 0,

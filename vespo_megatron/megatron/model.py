@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from transformers import AutoConfig, PretrainedConfig
 
+from vespo_megatron.convert.spec import moe_layers
 from vespo_megatron.megatron.layers import PackedDotProductAttention, TorchNorm
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
@@ -77,17 +78,10 @@ def rope_theta(hf: PretrainedConfig) -> float:
 
 
 def moe_layer_pattern(hf: PretrainedConfig) -> list[int]:
-    """[num_layers] 1 where the HF layer is an MoE layer, 0 where it is dense."""
-    n = hf.num_hidden_layers
-    family = hf.model_type
-    if family == "qwen3_moe":
-        step, dense = hf.decoder_sparse_step, set(hf.mlp_only_layers or [])
-        return [int(i not in dense and (i + 1) % step == 0) for i in range(n)]
-    if family == "mixtral":
-        return [1] * n
-    if family == "deepseek_v3":
-        return [int(i >= hf.first_k_dense_replace) for i in range(n)]
-    raise ValueError(f"model_type {family!r} is not supported; choose one of {FAMILIES}")
+    """[num_layers] 1 where the HF layer is an MoE layer, 0 where it is dense (Megatron's ``moe_layer_freq``)."""
+    if hf.model_type not in FAMILIES:
+        raise ValueError(f"model_type {hf.model_type!r} is not supported; choose one of {FAMILIES}")
+    return [int(flag) for flag in moe_layers(hf)]
 
 
 def num_experts(hf: PretrainedConfig) -> int:
