@@ -6,7 +6,7 @@ in a fresh process that reports its peak RSS (VmHWM, reset to the current RSS af
 extra RSS of each direction and its ratio to the largest layer, and conversion throughput / cp throughput (the same
 bytes; best of ``--repeats`` runs of each, alternated, as the page-cache writeback of a shared machine is noisy).
 
-    python benchmarks/convert.py [--layers 8 32 128] [--hidden 1024] [--experts 8] [--repeats 2]
+    python benchmarks/convert.py [--layers 8 32 128] [--hidden 1024] [--experts 8] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--expert-ffn", type=int, default=384)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/convert-bench"))
     parser.add_argument("--child", nargs=3, metavar=("DIRECTION", "SRC", "DST"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,8 +1,12 @@
 """The mapping's HF side against what transformers writes, its Megatron side by hand, the in-memory paths, the journal."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -78,6 +82,26 @@ def test_in_memory_round_trip_and_tied_lm_head(family):
         assert torch.equal(back["lm_head.weight"], hf["model.embed_tokens.weight"])
     with pytest.raises(KeyError, match="not a Megatron key"):
         list(mcore_to_hf_tensors(spec, [("decoder.layers.99.mlp.router.weight", torch.zeros(1))]))
+
+
+def test_hf_rows_of_qkv_glu_and_vocab_by_hand():
+    spec = model_spec(tiny_config("qwen3_moe", vocab_size=250))  # nh 4, ng 2, d 16: per group [q 32; k 16; v 16] rows
+    qkv, fc1, emb = (next(r for r in mapping.rules(spec) if r.key.endswith(k)) for k in
+                     ("0.self_attention.linear_qkv.weight", "0.mlp.experts.experts.linear_fc1.weight", "word_embeddings.weight"))
+    assert [r for _, _, r in mapping.hf_rows(spec, qkv)] == [((0, 32), (64, 96)), ((32, 48), (96, 112)), ((48, 64), (112, 128))]
+    assert [r for _, _, r in mapping.hf_rows(spec, fc1)] == [((0, spec.moe_ffn),), ((spec.moe_ffn, 2 * spec.moe_ffn),)]
+    assert mapping.hf_rows(spec, emb) == [(mapping.EMBEDDING, (250, spec.hidden), ((0, 250),))]
+
+
+@settings(max_examples=25, deadline=None)
+@given(ng=st.integers(1, 4), hpg=st.integers(1, 4), d=st.integers(1, 4), h=st.integers(1, 3))
+def test_to_hf_inverts_the_qkv_interleave(ng, hpg, d, h):
+    spec = dataclasses.replace(model_spec(tiny_config("qwen3_moe")), num_heads=ng * hpg, num_kv_heads=ng, head_dim=d, hidden=h)
+    rule = next(r for r in mapping.rules(spec) if r.op == "qkv")
+    rule = dataclasses.replace(rule, shape=(ng * (hpg + 2) * d, h), hf_shapes=((ng * hpg * d, h), (ng * d, h), (ng * d, h)))
+    q, k, v = (torch.randn(s) for s in rule.hf_shapes)
+    back = mapping.to_hf(spec, rule, mapping.to_mcore(spec, rule, [q, k, v]))
+    assert [n for n, _ in back] == list(rule.hf) and all(torch.equal(a, b) for (_, a), b in zip(back, (q, k, v)))
 
 
 def test_layout_checks_name_the_config():

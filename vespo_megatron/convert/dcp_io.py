@@ -4,21 +4,32 @@ Format (what ``megatron.core.dist_checkpointing.save`` writes): ``metadata.json`
 ``common.pt`` (non-tensor state), ``.metadata`` (a pickled torch.distributed.checkpoint ``Metadata``: per key the
 global shape, dtype and chunk list, and per chunk the file, byte offset and length) and ``*.distcp`` data files in
 which every chunk is one ``torch.save`` record (DCP's TORCH_SAVE serialization). A chunk at leading-axis position
-``index`` of a key with global shape ``axes + shape`` is stored as a tensor [1]·len(index) + shape.
+``index`` of a key with global shape ``axes + shape`` is stored as a tensor [1]·len(index) + shape. The writer pads
+before each record of 64 KiB or more so that its tensor's bytes start on a 4 KiB page (or, for bytes copied from
+other files, at their sources' offset modulo the page).
 
 The writer emits one data file per conversion unit plus that file's piece of the metadata; :func:`finish` merges
-the pieces. The reader reads any region through DCP's own ``FileSystemReader`` (which reshards from whatever chunks
-the checkpoint has, e.g. one written by Megatron under TP/EP), so memory stays at the region read.
+the pieces. The reader :meth:`~DcpCheckpoint.locate`\ s a region that lies contiguously inside one stored chunk (a
+plain little-endian tensor record: its pickle is read without building anything) and reads its bytes straight from
+the file; any other region goes through DCP's own ``FileSystemReader``, which reshards from whatever chunks the
+checkpoint has (e.g. one written by Megatron under TP/EP). Memory stays at the region read.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import io
 import json
 import math
 import pickle
+import struct
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -35,6 +46,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from vespo_megatron.convert.byte_copy import PAGE, aligning_residue, copy_range
 from vespo_megatron.convert.errors import ConversionError
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
@@ -90,21 +102,169 @@ class _FileWindow(io.RawIOBase):
         return n
 
 
-def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], int, torch.Tensor]],
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+class _TensorPickle(pickle.Unpickler):
+    """The pickle of one ``torch.save``'d plain tensor, read without building it: ((tag, dtype, storage key, location,
+    numel), storage offset, size, stride). Anything but a plain tensor raises ``pickle.UnpicklingError``."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain tensor record")
+
+    def persistent_load(self, pid):
+        return pid
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _entry_bytes(window: BinaryIO, info: zipfile.ZipInfo) -> tuple[int, int]:
+    """(offset, length) inside ``window`` of the stored bytes of zip entry ``info`` (after its local header)."""
+    window.seek(info.header_offset)
+    name_len, extra_len = struct.unpack("<HH", window.read(30)[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _read_entry(window: BinaryIO, info: zipfile.ZipInfo) -> bytes:
+    """An uncompressed entry's bytes (no CRC check: torch.save may write the records without one)."""
+    start, length = _entry_bytes(window, info)
+    window.seek(start)
+    return window.read(length)
+
+
+def _record_data(window: BinaryIO, dtype: torch.dtype, size: tuple[int, ...]) -> int | None:
+    """Offset inside ``window`` (one ``torch.save`` record) of the raw bytes of its tensor, when the record holds a
+    contiguous little-endian ``dtype`` tensor of ``size`` stored uncompressed; else None."""
+    try:
+        with zipfile.ZipFile(window) as archive:
+            infos = {info.filename: info for info in archive.infolist()}
+            prefix = next(name[: -len("data.pkl")] for name in infos if name.endswith("/data.pkl"))
+            if any(info.compress_type != zipfile.ZIP_STORED for info in infos.values()):
+                return None
+            order = infos.get(prefix + "byteorder")
+            if order is not None and _read_entry(window, order) != b"little":
+                return None
+            pickled = _read_entry(window, infos[prefix + "data.pkl"])
+            (tag, stored, key, _, numel), offset, found, stride = _TensorPickle(io.BytesIO(pickled)).load()
+            start, length = _entry_bytes(window, infos[f"{prefix}data/{key}"])
+    except (StopIteration, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, TypeError, struct.error, EOFError):
+        return None
+    if (tag, stored, found, stride) != ("storage", dtype, size, _contiguous_strides(size)):
+        return None
+    if length != numel * dtype.itemsize or offset + math.prod(size) > numel:
+        return None
+    return start + offset * dtype.itemsize
+
+
+_ALIGN_MIN_BYTES = 64 << 10  # smaller records are not worth a page of padding
+
+
+class _Tally(io.RawIOBase):
+    """A write-only sink that counts bytes and notes where its largest write began (``torch.save`` writes a storage's
+    bytes in one call): where the data of a record will start, found without copying it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos, self.largest, self.largest_at = 0, -1, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        n = memoryview(data).nbytes
+        if n > self.largest:
+            self.largest, self.largest_at = n, self.pos
+        self.pos += n
+        return n
+
+
+@functools.lru_cache(maxsize=256)
+def _data_offset(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Offset of a contiguous tensor's bytes inside its ``torch.save`` record (the same for every tensor of a shape
+    and dtype: the record's header and pickle depend on nothing else). A small record is parsed; in a large one the
+    data is by far the largest write, found without copying it."""
+    tensor = torch.empty(shape, dtype=dtype)  # its bytes are handed over, never read
+    sink = io.BytesIO() if tensor.nbytes < _ALIGN_MIN_BYTES else _Tally()
+    with _no_zip_crc():
+        torch.save(tensor, sink)
+    return _record_data(sink, dtype, shape) if isinstance(sink, io.BytesIO) else sink.largest_at
+
+
+@functools.lru_cache(maxsize=1)
+def _empty_object_record() -> bytes:
+    """The ``torch.save`` record of ``[None]`` (deterministic without the zip CRC)."""
+    buffer = io.BytesIO()
+    with _no_zip_crc():
+        torch.save([None], buffer)
+    return buffer.getvalue()
+
+
+RAW_WRITES = hasattr(torch.serialization, "skip_data")  # torch >= 2.5 can write a record without its bytes
+
+
+@dataclass(frozen=True)
+class RawChunk:
+    """A chunk [shape] of ``dtype`` whose bytes are copied from other files: pieces (offset in the chunk's bytes, file,
+    file offset, length); bytes no piece covers are zero."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[int, Path, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], int, torch.Tensor | RawChunk]],
                     objects: Iterable[str] = ()) -> list[Piece]:
-    """Write tensor chunks (key, global shape, offset, number of leading axes, tensor), then the empty ``[None]``
-    objects (Megatron's ``_extra_state`` of linear layers without Transformer Engine) to ``path``; return the pieces."""
+    """Write tensor chunks (key, global shape, offset, number of leading axes, tensor or :class:`RawChunk`), then the
+    empty ``[None]`` objects (Megatron's ``_extra_state`` of linear layers without Transformer Engine) to ``path``;
+    return the pieces. A RawChunk's record is written without its bytes (``torch.serialization.skip_data`` leaves a
+    hole, which reads as zeros), which the kernel then copies in from the source files."""
     pieces: list[Piece] = []
-    with open(path, "wb") as handle, _no_zip_crc():
-        for key, global_shape, offset, lead, tensor in chunks:
-            tensor = _compact(tensor.reshape((1,) * lead + tuple(tensor.shape)))
-            start = handle.tell()
-            torch.save(tensor, handle)
-            pieces.append((key, start, handle.tell() - start, (global_shape, offset, tensor.dtype, tuple(tensor.shape))))
-        for key in objects:
-            start = handle.tell()
-            torch.save([None], handle)
-            pieces.append((key, start, handle.tell() - start, None))
+    with open(path, "wb") as handle, _no_zip_crc(), contextlib.ExitStack() as stack:
+        sources: dict[Path, int] = {}
+        with ThreadPoolExecutor(max_workers=1) as copier:  # kernel copies overlap the writing of the next records
+            copies = []
+            for key, global_shape, offset, lead, data in chunks:
+                shape = (1,) * lead + tuple(data.shape)
+                raw = isinstance(data, RawChunk)
+                tensor = torch.empty(shape, dtype=data.dtype) if raw else _compact(data.reshape(shape))  # raw: untouched
+                inner = _data_offset(shape, data.dtype) if raw or tensor.nbytes >= _ALIGN_MIN_BYTES else 0
+                if tensor.nbytes >= _ALIGN_MIN_BYTES:  # data on a page (raw: as its sources sit), for fast kernel copies
+                    residue = aligning_residue((at, src, n) for at, _, src, n in data.pieces) if raw else 0
+                    handle.write(bytes((residue - handle.tell() - inner) % PAGE))
+                start = handle.tell()
+                with torch.serialization.skip_data() if raw else contextlib.nullcontext():
+                    torch.save(tensor, handle)
+                for at, src, src_offset, length in data.pieces if raw else ():
+                    if src not in sources:
+                        sources[src] = stack.enter_context(open(src, "rb", buffering=0)).fileno()
+                    copies.append(copier.submit(copy_range, sources[src], handle.fileno(), src_offset, length, start + inner + at))
+                pieces.append((key, start, handle.tell() - start, (global_shape, offset, tensor.dtype, tuple(tensor.shape))))
+            for key in objects:
+                start = handle.tell()
+                handle.write(_empty_object_record())
+                pieces.append((key, start, handle.tell() - start, None))
+        for copy in copies:
+            copy.result()
     return pieces
 
 
@@ -178,6 +338,7 @@ class DcpCheckpoint:
                 sizes[info.relative_path] = path.stat().st_size
             if info.offset + info.length > sizes[info.relative_path]:
                 raise ConversionError("data file is truncated: the tensor's bytes lie past its end", file=path, tensor=index.fqn)
+        self._starts: dict[MetadataIndex, int | None] = {}
         self.tensors = {
             key: (tuple(md.size), md.properties.dtype)
             for key, md in self.metadata.state_dict_metadata.items()
@@ -187,9 +348,54 @@ class DcpCheckpoint:
     def files(self) -> list[Path]:
         return sorted({self.dir / info.relative_path for info in self.metadata.storage_data.values()})
 
+    def _chunk_start(self, index: MetadataIndex, sizes: tuple[int, ...], dtype: torch.dtype) -> int | None:
+        """Byte offset in its file of the first element of the stored chunk ``index`` (None: not a raw record)."""
+        if index not in self._starts:
+            info = self.metadata.storage_data[index]
+            start = None
+            if not info.transform_descriptors and sys.byteorder == "little":
+                with open(self.dir / info.relative_path, "rb", buffering=0) as handle:
+                    inner = _record_data(_FileWindow(handle, info.offset, info.length), dtype, sizes)
+                start = None if inner is None else info.offset + inner
+            self._starts[index] = start
+        return self._starts[index]
+
+    def locate(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[Path, int] | None:
+        """(file, byte offset) where the box [offsets, offsets + sizes) of ``key`` lies as contiguous row-major bytes,
+        or None when it spans several chunks or is not stored raw."""
+        md = self.metadata.state_dict_metadata[key]
+        chunk = next((c for c in md.chunks if all(o <= a and a + n <= o + c_n for o, c_n, a, n in
+                                                   zip(c.offsets, c.sizes, offsets, sizes))), None)
+        if chunk is None:
+            return None
+        size = tuple(chunk.sizes)
+        last_partial = max((d for d in range(len(size)) if sizes[d] != size[d]), default=0)
+        if any(sizes[d] != 1 for d in range(last_partial)):  # row-major: a box is contiguous only like this
+            return None
+        index = MetadataIndex(key, chunk.offsets)
+        start = self._chunk_start(index, size, md.properties.dtype)
+        if start is None:
+            return None
+        inner = sum((a - o) * s for a, o, s in zip(offsets, chunk.offsets, _contiguous_strides(size)))
+        return self.dir / self.metadata.storage_data[index].relative_path, start + inner * md.properties.dtype.itemsize
+
     def read_region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """The box [offsets, offsets + sizes) of the global tensor ``key``."""
         md = self.metadata.state_dict_metadata[key]
+        dest = torch.empty(sizes, dtype=md.properties.dtype)
+        located = self.locate(key, offsets, sizes)
+        if located is not None:
+            path, start = located
+            with open(path, "rb", buffering=0) as handle:
+                view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+                handle.seek(start)
+                done = 0
+                while done < len(view):
+                    n = handle.readinto(view[done:])
+                    if not n:
+                        raise ConversionError("data file ends inside the tensor's bytes", file=path, tensor=key)
+                    done += n
+            return dest
         items = create_read_items_for_chunk_list(key, md, [ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes))])
         covered = sum(math.prod(item.lengths) for item in items)
         if covered != math.prod(sizes):
@@ -197,18 +403,10 @@ class DcpCheckpoint:
                                   file=self.dir / ".metadata", tensor=key)
         info = self.metadata.storage_data[items[0].storage_index]
         try:
-            if len(items) == 1 and not info.transform_descriptors:  # one stored chunk holds the region: load it directly
-                with open(self.dir / info.relative_path, "rb", buffering=0) as handle:
-                    chunk = torch.load(_FileWindow(handle, info.offset, info.length), map_location="cpu", weights_only=True)
-                region = chunk
-                for dim, (start, length) in enumerate(zip(items[0].storage_offsets, items[0].lengths)):
-                    region = region.narrow(dim, start, length)
-                return region if region.shape == chunk.shape else region.clone()
-            dest = torch.empty(sizes, dtype=md.properties.dtype)
             self.reader.read_data(LoadPlan(items), _RegionPlanner(dest)).wait()
-            return dest
         except Exception as err:
             raise ConversionError(f"cannot read tensor data: {err}", file=self.dir / info.relative_path, tensor=key) from err
+        return dest
 
     def read(self, key: str, index: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor [shape] at position ``index`` of the leading axes of ``key``."""

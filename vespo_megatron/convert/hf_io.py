@@ -1,5 +1,8 @@
 """HF checkpoints on disk (what ``save_pretrained`` writes): validated headers, streamed reads, sharded writes.
 
+Writing (:func:`write_safetensors`) takes each tensor either as a tensor or as byte ranges of other files, which are
+copied by the kernel (:mod:`~vespo_megatron.convert.byte_copy`).
+
 Reading never loads a file: :class:`HfCheckpoint` parses the safetensors headers only (names, shapes, dtypes) and
 checks them against the index json and the expected tensors; :meth:`HfCheckpoint.session` opens files lazily with
 ``safe_open`` and closes them when the session ends (the converter opens one session per rule, so the mapped pages
@@ -9,20 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
 
+from vespo_megatron.convert.byte_copy import PAGE, ByteRange, aligning_residue, copy_range, write_all
 from vespo_megatron.convert.errors import ConversionError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+FLOAT_DTYPES = set(SAFETENSORS_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -30,15 +36,21 @@ class TensorInfo:
     file: str  # file name inside the checkpoint directory
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype tag (F32, BF16, …)
+    start: int  # byte offset of its data in the file
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, header json) of a safetensors file."""
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        return 8 + length, json.loads(handle.read(length))
 
 
 def _damaged_tensor(path: Path) -> str | None:
     """The first tensor whose bytes lie past the end of a truncated safetensors file (None: header unreadable)."""
     try:
-        with open(path, "rb") as handle:
-            length = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(length))
-        available = path.stat().st_size - 8 - length
+        start, header = _header(path)
+        available = path.stat().st_size - start
         ends = sorted((info["data_offsets"][1], name) for name, info in header.items() if name != "__metadata__")
         return next((name for end, name in ends if end > available), None)
     except (struct.error, ValueError, KeyError, TypeError, MemoryError, OverflowError):
@@ -46,13 +58,14 @@ def _damaged_tensor(path: Path) -> str | None:
 
 
 def _read_header(path: Path, listed: str | None = None) -> dict[str, TensorInfo]:
-    """name -> TensorInfo from the header of ``path``; ``listed`` names a tensor the index puts in it (for errors)."""
+    """name -> TensorInfo from the header of ``path`` (validated by safetensors); ``listed`` names a tensor the index
+    puts in it (for errors)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {
-                name: TensorInfo(path.name, tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
-                for name in handle.keys()
-            }
+        with safe_open(str(path), framework="pt"):
+            pass
+        start, header = _header(path)
+        return {name: TensorInfo(path.name, tuple(info["shape"]), info["dtype"], start + info["data_offsets"][0])
+                for name, info in header.items() if name != "__metadata__"}
     except Exception as err:  # safetensors raises its own error types for bad headers and sizes
         damaged = _damaged_tensor(path)
         what = "truncated (data past the end of the file)" if damaged else "corrupt (unreadable header)"
@@ -115,12 +128,16 @@ class HfCheckpoint:
                 raise ConversionError(f"dtype {info.dtype} is not a floating-point type", file=where, tensor=name)
         return ignored
 
+    def dtype(self, name: str) -> torch.dtype:
+        return next(dtype for dtype, tag in SAFETENSORS_DTYPES.items() if tag == self.tensors[name].dtype)
+
     def nbytes(self, name: str) -> int:
+        return self.dtype(name).itemsize * math.prod(self.tensors[name].shape)
+
+    def locate(self, name: str) -> tuple[Path, int]:
+        """(file, byte offset) of the tensor's data."""
         info = self.tensors[name]
-        n = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}[info.dtype]
-        for size in info.shape:
-            n *= size
-        return n
+        return self.dir / info.file, info.start
 
     @contextlib.contextmanager
     def session(self) -> Iterator["HfSession"]:
@@ -151,3 +168,58 @@ def shard_name(k: int, count: int) -> str:
 def index_json(weight_map: dict[str, str], total_size: int) -> str:
     """The ``model.safetensors.index.json`` text (keys sorted so identical inputs give identical bytes)."""
     return json.dumps({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its bytes are ``data`` (a tensor of ``dtype`` and ``shape``) or the concatenation of
+    ``ranges``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: torch.Tensor | None = None
+    ranges: tuple[ByteRange, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape)
+
+
+def write_safetensors(path: Path, tensors: Sequence[OutTensor], on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Write a safetensors file: an 8-byte little-endian header length, the JSON header (``__metadata__`` format pt,
+    per tensor dtype, shape and [begin, end) offsets; padded with spaces so the data starts where byte ranges copy
+    fastest, see :func:`~vespo_megatron.convert.byte_copy.aligning_residue`, always on 8 bytes), then the tensors back
+    to back: larger items first (each stays aligned to its item, as ``safetensors.torch.save_file`` orders them), whole
+    pages before the rest (so they keep their alignment), then by name. ``on_bytes(n)`` is told each tensor's bytes
+    once they are written."""
+    ordered = sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.nbytes % PAGE != 0, t.name))
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    pieces = []
+    for t in ordered:
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{t.name}: dtype {t.dtype} cannot be written")
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        for _, src, length in t.ranges:
+            pieces.append((offset, src, length))
+            offset += length
+        offset = header[t.name]["data_offsets"][1]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * ((aligning_residue(pieces) - 8 - len(text)) % PAGE)
+    with open(path, "wb", buffering=0) as out, contextlib.ExitStack() as stack:
+        sources: dict[Path, int] = {}
+        write_all(out.fileno(), struct.pack("<Q", len(text)) + text)
+        for t in ordered:
+            if t.data is not None:
+                if tuple(t.data.shape) != t.shape or t.data.dtype != t.dtype:
+                    raise ValueError(f"{t.name}: tensor {t.data.dtype} {list(t.data.shape)} is not {t.dtype} {list(t.shape)}")
+                write_all(out.fileno(), memoryview(t.data.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            else:
+                if sum(length for _, _, length in t.ranges) != t.nbytes:
+                    raise ValueError(f"{t.name}: byte ranges do not add up to {t.nbytes} bytes")
+                for src, start, length in t.ranges:
+                    if src not in sources:
+                        sources[src] = stack.enter_context(open(src, "rb", buffering=0)).fileno()
+                    copy_range(sources[src], out.fileno(), start, length)
+            on_bytes(t.nbytes)

@@ -1,13 +1,16 @@
 """HF checkpoint directory -> Megatron-Core torch_dist checkpoint (optionally also per-rank shards), streamed by unit.
 
 All checks (config, layout, every tensor's presence and shape, destination) run before anything is written. Then each
-unit (embedding, one layer, head) is converted rule by rule — the rule being written and the next one (re-laid out by
-a background thread) are all that is in memory — into its own ``.distcp`` file, renamed into place and journaled. The HF config and the other
+unit (embedding, one layer, head) is converted rule by rule into its own ``.distcp`` file, renamed into place and
+journaled. A Megatron tensor kept in its sources' dtype is only their rows re-arranged, so its bytes are copied file to
+file by the kernel; any other (a cast, or per-rank shards asked for) is built in memory — the rule being written and
+the next one (re-laid out by a background thread) are all that is held. The HF config and the other
 small files of the source (generation config, tokenizer) are kept under ``DEST/hf/`` for the way back.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import queue
 import shutil
 import threading
@@ -41,19 +44,43 @@ class HfToMcoreOptions:
     fsync: bool = False
 
 
-def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) -> torch.Tensor:
-    """Apply a requested dtype (None keeps it); the router expert bias then becomes float32, as Megatron keeps it."""
+def target_dtype(stored: torch.dtype, rule: mapping.Rule, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as ``stored`` is written in: a requested dtype (None keeps it), except float32 for
+    the router expert bias, as Megatron keeps it."""
     if dtype is None:
-        return tensor
-    return tensor.float() if rule.fp32 else tensor.to(dtype)
+        return stored
+    return torch.float32 if rule.fp32 else dtype
 
 
-def converted(spec: ModelSpec, unit: mapping.Unit, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> Iterator[tuple[mapping.Rule, torch.Tensor]]:
-    """(rule, Megatron tensor) for each rule of ``unit``, one at a time; the source files are mapped per rule only."""
+def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in its :func:`target_dtype` (itself when that is its dtype)."""
+    return tensor.to(target_dtype(tensor.dtype, rule, dtype))
+
+
+def raw_chunk(spec: ModelSpec, rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> dcp_io.RawChunk | None:
+    """The Megatron tensor of ``rule`` as byte ranges of the HF files (:func:`mapping.placements`), when its sources
+    share one dtype that ``dtype`` keeps; else None."""
+    stored = {ckpt.dtype(name) for name in rule.hf}
+    if len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
+        return None
+    itemsize = next(iter(stored)).itemsize
+    row = itemsize * math.prod(rule.shape[1:])
+    sources = [ckpt.locate(name) for name in rule.hf]
+    pieces = tuple((dst * row, sources[j][0], sources[j][1] + src * row, rows * row)
+                   for j, src, dst, rows in mapping.placements(spec, rule))
+    return dcp_io.RawChunk(next(iter(stored)), rule.shape, pieces)
+
+
+def converted(spec: ModelSpec, unit: mapping.Unit, ckpt: HfCheckpoint, dtype: torch.dtype | None,
+              raw: bool) -> Iterator[tuple[mapping.Rule, torch.Tensor | dcp_io.RawChunk]]:
+    """(rule, Megatron tensor) for each rule of ``unit``, one at a time; the source files are mapped per rule only.
+    With ``raw``, a tensor that is only a re-arrangement of its sources' bytes comes as a :class:`dcp_io.RawChunk`."""
     for rule in unit.rules:
-        with ckpt.session() as session:
-            tensor = cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
-        yield rule, tensor
+        chunk = raw_chunk(spec, rule, ckpt, dtype) if raw else None
+        if chunk is None:
+            with ckpt.session() as session:
+                chunk = cast(mapping.to_mcore(spec, rule, [session.get(name) for name in rule.hf]), rule, dtype)
+        yield rule, chunk
 
 
 def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
@@ -137,7 +164,7 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
             if journal.is_done(k):
                 bar.update(sizes[k])
                 continue
-            chunks = prefetched(converted(spec, unit, ckpt, options.dtype))
+            chunks = prefetched(converted(spec, unit, ckpt, options.dtype, dcp_io.RAW_WRITES and not options.per_rank))
             if writers:
                 chunks = writers.tee(chunks)
             pieces: list = []
@@ -159,10 +186,10 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     return plan
 
 
-def _tracked(chunks: Iterator[tuple[mapping.Rule, torch.Tensor]], bar) -> Iterator[tuple]:
-    for rule, tensor in chunks:
-        yield rule.key, rule.global_shape, rule.offset, len(rule.index), tensor
-        bar.update(tensor.numel() * tensor.element_size())
+def _tracked(chunks: Iterator[tuple[mapping.Rule, torch.Tensor | dcp_io.RawChunk]], bar) -> Iterator[tuple]:
+    for rule, chunk in chunks:
+        yield rule.key, rule.global_shape, rule.offset, len(rule.index), chunk
+        bar.update(chunk.nbytes)
 
 
 def _describe(spec: ModelSpec) -> str:

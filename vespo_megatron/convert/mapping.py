@@ -23,7 +23,6 @@ from functools import lru_cache
 import torch
 
 from vespo_megatron.convert.spec import ModelSpec
-from vespo_megatron.convert.transforms import fuse_glu, interleave_qkv, pad_vocab, split_glu, split_qkv, strip_vocab
 
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -215,28 +214,76 @@ def extra_state_key(rule: Rule) -> str | None:
     return f"{base}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
 
 
-def to_mcore(spec: ModelSpec, rule: Rule, hf: list[torch.Tensor]) -> torch.Tensor:
-    """The Megatron tensor [rule.shape] made from the rule's HF tensors (in ``rule.hf`` order)."""
+RowRanges = tuple[tuple[int, int], ...]
+
+
+def hf_rows(spec: ModelSpec, rule: Rule, emit_tied_lm_head: bool = False) -> list[tuple[str, tuple[int, ...], RowRanges]]:
+    """(HF name, HF shape, row ranges) of the Megatron tensor [rule.shape]: each HF tensor is the concatenation of the
+    rows [start, end) along dim 0 of the Megatron tensor, in order (the inverse of :func:`to_mcore`).
+
+    qkv [ng·(hpg+2)·d, *]: q = rows g·b … g·b + hpg·d of every group g (b = (hpg+2)·d), k and v the next d rows of
+    each group; fc1 [2F, *]: gate rows [0, F), up [F, 2F); padded vocabulary [Vp, H]: rows [0, V).
+    """
+    rows = rule.shape[0]
     if rule.op == "qkv":
-        return interleave_qkv(*hf, spec.num_kv_heads)
-    if rule.op == "glu":
-        return fuse_glu(*hf)
-    if rule.op == "vocab":
-        return pad_vocab(hf[0], spec.padded_vocab_size)
-    return hf[0]
+        d, ng = spec.head_dim, spec.num_kv_heads
+        q = (spec.num_heads // ng) * d
+        block = q + 2 * d
+        ranges = tuple(tuple((g * block + a, g * block + b) for g in range(ng)) for a, b in ((0, q), (q, q + d), (q + d, block)))
+    elif rule.op == "glu":
+        ranges = (((0, rows // 2),), ((rows // 2, rows),))
+    elif rule.op == "vocab":
+        ranges = (((0, spec.vocab_size),),)
+    else:
+        ranges = (((0, rows),),)
+    out = [(name, shape, _merged(r)) for name, shape, r in zip(rule.hf, rule.hf_shapes, ranges)]
+    if emit_tied_lm_head and spec.tied and rule.hf == (EMBEDDING,):
+        out.append((LM_HEAD, *out[0][1:]))
+    return out
+
+
+def _merged(ranges: RowRanges) -> RowRanges:
+    """Adjacent ranges joined (q of a single kv group is one range)."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+def placements(spec: ModelSpec, rule: Rule) -> list[tuple[int, int, int, int]]:
+    """(j, source row, Megatron row, rows): HF tensor j's rows [source row, + rows) go to the Megatron rows
+    [Megatron row, + rows) — :func:`hf_rows` seen from the HF side. Rows no placement covers are the vocabulary
+    padding (zero), at the end."""
+    out = []
+    for j, (_, _, ranges) in enumerate(hf_rows(spec, rule)):
+        row = 0
+        for a, b in ranges:
+            out.append((j, row, a, b - a))
+            row += b - a
+    return out
+
+
+def to_mcore(spec: ModelSpec, rule: Rule, hf: list[torch.Tensor]) -> torch.Tensor:
+    """The Megatron tensor [rule.shape] made from the rule's HF tensors (in ``rule.hf`` order), see :func:`placements`."""
+    moves = placements(spec, rule)
+    if moves == [(0, 0, 0, rule.shape[0])]:
+        return hf[0]
+    out = hf[0].new_empty(rule.shape)
+    for j, src, dst, rows in moves:
+        out[dst:dst + rows] = hf[j][src:src + rows]
+    covered = sum(rows for *_, rows in moves)
+    out[covered:] = 0
+    return out
 
 
 def to_hf(spec: ModelSpec, rule: Rule, tensor: torch.Tensor, emit_tied_lm_head: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) pairs of the Megatron tensor [rule.shape]; the tied embedding can also be emitted as lm_head."""
-    if rule.op == "qkv":
-        parts = split_qkv(tensor, spec.num_heads, spec.num_kv_heads, spec.head_dim)
-    elif rule.op == "glu":
-        parts = split_glu(tensor)
-    elif rule.op == "vocab":
-        parts = (strip_vocab(tensor, spec.vocab_size),)
-    else:
-        parts = (tensor,)
-    pairs = list(zip(rule.hf, parts))
-    if emit_tied_lm_head and spec.tied and rule.hf == (EMBEDDING,):
-        pairs.append((LM_HEAD, parts[0].clone()))  # its own storage: safetensors refuses shared tensors
+    """(HF name, tensor) pairs of the Megatron tensor [rule.shape] (see :func:`hf_rows`): views of its rows where one
+    range suffices; the tied embedding emitted as lm_head is a copy (safetensors refuses tensors that share memory)."""
+    pairs = []
+    for name, _, ranges in hf_rows(spec, rule, emit_tied_lm_head):
+        part = torch.cat([tensor[a:b] for a, b in ranges]) if len(ranges) > 1 else tensor[ranges[0][0]:ranges[0][1]]
+        pairs.append((name, part.clone() if name == LM_HEAD and rule.hf == (EMBEDDING,) else part))
     return pairs

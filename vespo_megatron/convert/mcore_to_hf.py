@@ -2,7 +2,9 @@
 
 The HF config comes from ``SRC/hf/`` (kept there by hf-to-mcore) or ``hf_config``. Layer keys may be per-layer or
 stacked (detected). Each output shard holds part of one unit (never more than ``max_shard_bytes`` unless a single
-tensor is larger), is built by reading only its Megatron regions, and is written atomically and journaled.
+tensor is larger), is built from its Megatron regions only, and is written atomically and journaled. Every HF tensor
+is a set of rows of one Megatron region (:func:`mapping.hf_rows`), so a region stored raw in one chunk and kept in
+its dtype is copied file to file by the kernel, byte range by byte range; any other region is read, cast and split.
 Vocabulary padding is stripped; dtypes are kept unless ``dtype`` is given. Checkpoint keys outside the model
 (``optimizer.…`` and other non-model state of a training checkpoint) are skipped.
 """
@@ -13,14 +15,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+
 import torch
-from safetensors.torch import save_file
 
 from vespo_megatron.convert import mapping
 from vespo_megatron.convert.dcp_io import DcpCheckpoint
 from vespo_megatron.convert.errors import ConversionError
-from vespo_megatron.convert.hf_io import INDEX, index_json, shard_name
-from vespo_megatron.convert.hf_to_mcore import ASSETS_DIR, cast
+from vespo_megatron.convert.hf_io import INDEX, OutTensor, index_json, shard_name, write_safetensors
+from vespo_megatron.convert.hf_to_mcore import ASSETS_DIR, cast, target_dtype
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
 from vespo_megatron.convert.plan import Plan, PlannedFile, progress
 from vespo_megatron.convert.spec import ModelSpec, load_hf_config, model_spec
@@ -70,7 +73,7 @@ def checkpoint_spec(ckpt: DcpCheckpoint, hf_config) -> tuple[ModelSpec, list[str
 
 
 def _hf_bytes(spec: ModelSpec, rule: mapping.Rule, ckpt: DcpCheckpoint, options: McoreToHfOptions) -> int:
-    dtype = ckpt.tensors[rule.key][1] if options.dtype is None else (torch.float32 if rule.fp32 else options.dtype)
+    dtype = target_dtype(ckpt.tensors[rule.key][1], rule, options.dtype)
     copies = 2 if options.emit_tied_lm_head and spec.tied and rule.hf == (mapping.EMBEDDING,) else 1
     return copies * rule.hf_numel * dtype.itemsize
 
@@ -89,6 +92,22 @@ def shard_groups(spec: ModelSpec, sizes: dict[mapping.Rule, int], max_bytes: int
             total += sizes[rule]
         groups.append(tuple(current))
     return groups
+
+
+def out_tensors(spec: ModelSpec, rule: mapping.Rule, ckpt: DcpCheckpoint, options: McoreToHfOptions) -> list[OutTensor]:
+    """The HF tensors of ``rule``: byte ranges of the checkpoint's file where its region is stored raw and keeps its
+    dtype, else tensors read, cast and split."""
+    stored = ckpt.tensors[rule.key][1]
+    box = (1,) * len(rule.index) + rule.shape
+    located = ckpt.locate(rule.key, rule.offset, box) if target_dtype(stored, rule, options.dtype) == stored else None
+    if located is None:
+        region = cast(ckpt.read(rule.key, rule.index, rule.shape), rule, options.dtype)
+        return [OutTensor(name, t.dtype, tuple(t.shape), data=t)
+                for name, t in mapping.to_hf(spec, rule, region, options.emit_tied_lm_head)]
+    path, start = located
+    row = stored.itemsize * math.prod(rule.shape[1:])
+    return [OutTensor(name, stored, shape, ranges=tuple((path, start + a * row, (b - a) * row) for a, b in ranges))
+            for name, shape, ranges in mapping.hf_rows(spec, rule, options.emit_tied_lm_head)]
 
 
 def _assets(options: McoreToHfOptions, src: Path) -> list[Path]:
@@ -127,16 +146,10 @@ def convert_mcore_to_hf(src: str | Path, dst: str | Path, options: McoreToHfOpti
                 bar.update(files[k].nbytes)
                 weight_map.update(journal.payload(k))
                 continue
-            tensors: dict[str, torch.Tensor] = {}
-            for rule in group:
-                region = ckpt.read(rule.key, rule.index, rule.shape)
-                for hf_name, tensor in mapping.to_hf(spec, rule, cast(region, rule, options.dtype), options.emit_tied_lm_head):
-                    tensors[hf_name] = tensor.contiguous()
-                bar.update(sizes[rule])
-            atomic_write(dst / name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}), journal.tmp,
-                         options.fsync)
-            journal.mark(k, {hf_name: name for hf_name in tensors}, options.fsync)
-            weight_map.update({hf_name: name for hf_name in tensors})
+            tensors = [t for rule in group for t in out_tensors(spec, rule, ckpt, options)]
+            atomic_write(dst / name, lambda tmp, t=tensors: write_safetensors(tmp, t, bar.update), journal.tmp, options.fsync)
+            journal.mark(k, {t.name: name for t in tensors}, options.fsync)
+            weight_map.update({t.name: name for t in tensors})
             del tensors
     write = lambda path, data: atomic_write_bytes(path, data, journal.tmp, options.fsync)  # noqa: E731
     for asset in _assets(options, src):

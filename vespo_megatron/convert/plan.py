@@ -1,8 +1,9 @@
 """The plan of a conversion (output files, bytes, peak-memory estimate) as printed by ``--dry-run``, and the progress bar.
 
 Peak memory estimates, independent of the number of layers: HF -> Megatron writes tensor by tensor, so about the
-largest tensor re-layout (its sources and its result); Megatron -> HF holds one output shard (one ``save_file`` call)
-plus the largest region being read and split.
+largest tensor re-layout (its sources and its result); Megatron -> HF holds at most one output shard (when its tensors
+are cast or read from chunks that are not stored raw; kernel-copied byte ranges take no memory) plus the largest
+region being read and split.
 """
 from __future__ import annotations
 
