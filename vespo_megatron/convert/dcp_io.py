@@ -9,27 +9,23 @@ before each record of 64 KiB or more so that its tensor's bytes start on a 4 KiB
 other files, at their sources' offset modulo the page).
 
 The writer emits one data file per conversion unit plus that file's piece of the metadata; :func:`finish` merges
-the pieces. The reader :meth:`~DcpCheckpoint.locate`\ s a region that lies contiguously inside one stored chunk (a
-plain little-endian tensor record: its pickle is read without building anything) and reads its bytes straight from
-the file; any other region goes through DCP's own ``FileSystemReader``, which reshards from whatever chunks the
-checkpoint has (e.g. one written by Megatron under TP/EP). Memory stays at the region read.
+the pieces. The reader locates (:meth:`~DcpCheckpoint.locate`) a region that lies contiguously inside one stored
+chunk (a plain little-endian tensor record, see :mod:`~vespo_megatron.convert.torch_record`) and reads its bytes
+straight from the file; any other region goes through DCP's own ``FileSystemReader``, which reshards from whatever
+chunks the checkpoint has (e.g. one written by Megatron under TP/EP). Memory stays at the region read.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
-import functools
 import io
 import json
 import math
 import pickle
-import struct
 import sys
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -48,6 +44,15 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from vespo_megatron.convert.byte_copy import PAGE, aligning_residue, copy_range
 from vespo_megatron.convert.errors import ConversionError
+from vespo_megatron.convert.torch_record import (
+    FileWindow,
+    compact,
+    contiguous_strides,
+    data_offset,
+    empty_object_record,
+    no_zip_crc,
+    record_data,
+)
 
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch", "common_backend_version": 1}
 # One written record: key, byte offset in the file, byte length, and for a tensor chunk (else None) its global shape,
@@ -55,166 +60,7 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "commo
 Piece = tuple[str, int, int, tuple | None]
 
 
-def _compact(tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor that owns exactly its bytes (``torch.save`` writes the whole storage of a view)."""
-    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.contiguous().clone()
-
-
-@contextlib.contextmanager
-def _no_zip_crc() -> Iterator[None]:
-    """torch.save without the zip CRC32 (half of the write time; ``torch.load`` does not check it)."""
-    previous = torch.serialization.get_crc32_options()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(previous)
-
-
-class _FileWindow(io.RawIOBase):
-    """Read-only view of bytes [start, start + length) of an open file, as its own seekable stream."""
-
-    def __init__(self, handle: io.RawIOBase, start: int, length: int) -> None:
-        super().__init__()
-        self.handle, self.start, self.length, self.pos = handle, start, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = min(max(base + offset, 0), self.length)
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")[: self.length - self.pos]
-        self.handle.seek(self.start + self.pos)
-        n = self.handle.readinto(view) or 0
-        self.pos += n
-        return n
-
-
-_STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-class _TensorPickle(pickle.Unpickler):
-    """The pickle of one ``torch.save``'d plain tensor, read without building it: ((tag, dtype, storage key, location,
-    numel), storage offset, size, stride). Anything but a plain tensor raises ``pickle.UnpicklingError``."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain tensor record")
-
-    def persistent_load(self, pid):
-        return pid
-
-
-def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
-
-
-def _entry_bytes(window: BinaryIO, info: zipfile.ZipInfo) -> tuple[int, int]:
-    """(offset, length) inside ``window`` of the stored bytes of zip entry ``info`` (after its local header)."""
-    window.seek(info.header_offset)
-    name_len, extra_len = struct.unpack("<HH", window.read(30)[26:30])
-    return info.header_offset + 30 + name_len + extra_len, info.file_size
-
-
-def _read_entry(window: BinaryIO, info: zipfile.ZipInfo) -> bytes:
-    """An uncompressed entry's bytes (no CRC check: torch.save may write the records without one)."""
-    start, length = _entry_bytes(window, info)
-    window.seek(start)
-    return window.read(length)
-
-
-def _record_data(window: BinaryIO, dtype: torch.dtype, size: tuple[int, ...]) -> int | None:
-    """Offset inside ``window`` (one ``torch.save`` record) of the raw bytes of its tensor, when the record holds a
-    contiguous little-endian ``dtype`` tensor of ``size`` stored uncompressed; else None."""
-    try:
-        with zipfile.ZipFile(window) as archive:
-            infos = {info.filename: info for info in archive.infolist()}
-            prefix = next(name[: -len("data.pkl")] for name in infos if name.endswith("/data.pkl"))
-            if any(info.compress_type != zipfile.ZIP_STORED for info in infos.values()):
-                return None
-            order = infos.get(prefix + "byteorder")
-            if order is not None and _read_entry(window, order) != b"little":
-                return None
-            pickled = _read_entry(window, infos[prefix + "data.pkl"])
-            (tag, stored, key, _, numel), offset, found, stride = _TensorPickle(io.BytesIO(pickled)).load()
-            start, length = _entry_bytes(window, infos[f"{prefix}data/{key}"])
-    except (StopIteration, pickle.UnpicklingError, zipfile.BadZipFile, KeyError, ValueError, TypeError, struct.error, EOFError):
-        return None
-    if (tag, stored, found, stride) != ("storage", dtype, size, _contiguous_strides(size)):
-        return None
-    if length != numel * dtype.itemsize or offset + math.prod(size) > numel:
-        return None
-    return start + offset * dtype.itemsize
-
-
 _ALIGN_MIN_BYTES = 64 << 10  # smaller records are not worth a page of padding
-
-
-class _Tally(io.RawIOBase):
-    """A write-only sink that counts bytes and notes where its largest write began (``torch.save`` writes a storage's
-    bytes in one call): where the data of a record will start, found without copying it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pos, self.largest, self.largest_at = 0, -1, 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        n = memoryview(data).nbytes
-        if n > self.largest:
-            self.largest, self.largest_at = n, self.pos
-        self.pos += n
-        return n
-
-
-@functools.lru_cache(maxsize=256)
-def _data_offset(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Offset of a contiguous tensor's bytes inside its ``torch.save`` record (the same for every tensor of a shape
-    and dtype: the record's header and pickle depend on nothing else). A small record is parsed; in a large one the
-    data is by far the largest write, found without copying it."""
-    tensor = torch.empty(shape, dtype=dtype)  # its bytes are handed over, never read
-    sink = io.BytesIO() if tensor.nbytes < _ALIGN_MIN_BYTES else _Tally()
-    with _no_zip_crc():
-        torch.save(tensor, sink)
-    return _record_data(sink, dtype, shape) if isinstance(sink, io.BytesIO) else sink.largest_at
-
-
-@functools.lru_cache(maxsize=1)
-def _empty_object_record() -> bytes:
-    """The ``torch.save`` record of ``[None]`` (deterministic without the zip CRC)."""
-    buffer = io.BytesIO()
-    with _no_zip_crc():
-        torch.save([None], buffer)
-    return buffer.getvalue()
-
-
 RAW_WRITES = hasattr(torch.serialization, "skip_data")  # torch >= 2.5 can write a record without its bytes
 
 
@@ -239,15 +85,15 @@ def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tup
     return the pieces. A RawChunk's record is written without its bytes (``torch.serialization.skip_data`` leaves a
     hole, which reads as zeros), which the kernel then copies in from the source files."""
     pieces: list[Piece] = []
-    with open(path, "wb") as handle, _no_zip_crc(), contextlib.ExitStack() as stack:
+    with open(path, "wb") as handle, no_zip_crc(), contextlib.ExitStack() as stack:
         sources: dict[Path, int] = {}
         with ThreadPoolExecutor(max_workers=1) as copier:  # kernel copies overlap the writing of the next records
             copies = []
             for key, global_shape, offset, lead, data in chunks:
                 shape = (1,) * lead + tuple(data.shape)
                 raw = isinstance(data, RawChunk)
-                tensor = torch.empty(shape, dtype=data.dtype) if raw else _compact(data.reshape(shape))  # raw: untouched
-                inner = _data_offset(shape, data.dtype) if raw or tensor.nbytes >= _ALIGN_MIN_BYTES else 0
+                tensor = torch.empty(shape, dtype=data.dtype) if raw else compact(data.reshape(shape))  # raw: untouched
+                inner = data_offset(shape, data.dtype) if raw or tensor.nbytes >= _ALIGN_MIN_BYTES else 0
                 if tensor.nbytes >= _ALIGN_MIN_BYTES:  # data on a page (raw: as its sources sit), for fast kernel copies
                     residue = aligning_residue((at, src, n) for at, _, src, n in data.pieces) if raw else 0
                     handle.write(bytes((residue - handle.tell() - inner) % PAGE))
@@ -261,7 +107,7 @@ def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tup
                 pieces.append((key, start, handle.tell() - start, (global_shape, offset, tensor.dtype, tuple(tensor.shape))))
             for key in objects:
                 start = handle.tell()
-                handle.write(_empty_object_record())
+                handle.write(empty_object_record())
                 pieces.append((key, start, handle.tell() - start, None))
         for copy in copies:
             copy.result()
@@ -355,7 +201,7 @@ class DcpCheckpoint:
             start = None
             if not info.transform_descriptors and sys.byteorder == "little":
                 with open(self.dir / info.relative_path, "rb", buffering=0) as handle:
-                    inner = _record_data(_FileWindow(handle, info.offset, info.length), dtype, sizes)
+                    inner = record_data(FileWindow(handle, info.offset, info.length), dtype, sizes)
                 start = None if inner is None else info.offset + inner
             self._starts[index] = start
         return self._starts[index]
@@ -376,7 +222,7 @@ class DcpCheckpoint:
         start = self._chunk_start(index, size, md.properties.dtype)
         if start is None:
             return None
-        inner = sum((a - o) * s for a, o, s in zip(offsets, chunk.offsets, _contiguous_strides(size)))
+        inner = sum((a - o) * s for a, o, s in zip(offsets, chunk.offsets, contiguous_strides(size)))
         return self.dir / self.metadata.storage_data[index].relative_path, start + inner * md.properties.dtype.itemsize
 
     def read_region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
