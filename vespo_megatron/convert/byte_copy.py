@@ -6,6 +6,7 @@ then moves whole pages; writers place their data with :func:`aligning_residue` t
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections import Counter
@@ -26,6 +27,19 @@ def aligning_residue(pieces: Iterable[tuple[int, int, int]], align: int = 8) -> 
         if residue % align == 0:
             weight[residue] += length
     return max(sorted(weight), key=weight.__getitem__, default=0)
+
+
+class Sources(contextlib.ExitStack):
+    """Source files opened for reading on first use and closed when the ``with`` block ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fds: dict[Path, int] = {}
+
+    def fd(self, path: Path) -> int:
+        if path not in self._fds:
+            self._fds[path] = self.enter_context(open(path, "rb", buffering=0)).fileno()
+        return self._fds[path]
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from vespo_megatron.convert.byte_copy import PAGE, aligning_residue, copy_range
+from vespo_megatron.convert.byte_copy import PAGE, Sources, aligning_residue, copy_range
 from vespo_megatron.convert.errors import ConversionError
 from vespo_megatron.convert.torch_record import (
     FileWindow,
@@ -85,8 +85,7 @@ def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tup
     return the pieces. A RawChunk's record is written without its bytes (``torch.serialization.skip_data`` leaves a
     hole, which reads as zeros), which the kernel then copies in from the source files."""
     pieces: list[Piece] = []
-    with open(path, "wb") as handle, no_zip_crc(), contextlib.ExitStack() as stack:
-        sources: dict[Path, int] = {}
+    with open(path, "wb") as handle, no_zip_crc(), Sources() as sources:
         with ThreadPoolExecutor(max_workers=1) as copier:  # kernel copies overlap the writing of the next records
             copies = []
             for key, global_shape, offset, lead, data in chunks:
@@ -101,9 +100,7 @@ def write_data_file(path: Path, chunks: Iterable[tuple[str, tuple[int, ...], tup
                 with torch.serialization.skip_data() if raw else contextlib.nullcontext():
                     torch.save(tensor, handle)
                 for at, src, src_offset, length in data.pieces if raw else ():
-                    if src not in sources:
-                        sources[src] = stack.enter_context(open(src, "rb", buffering=0)).fileno()
-                    copies.append(copier.submit(copy_range, sources[src], handle.fileno(), src_offset, length, start + inner + at))
+                    copies.append(copier.submit(copy_range, sources.fd(src), handle.fileno(), src_offset, length, start + inner + at))
                 pieces.append((key, start, handle.tell() - start, (global_shape, offset, tensor.dtype, tuple(tensor.shape))))
             for key in objects:
                 start = handle.tell()

@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from safetensors import safe_open
 
-from vespo_megatron.convert.byte_copy import PAGE, ByteRange, aligning_residue, copy_range, write_all
+from vespo_megatron.convert.byte_copy import PAGE, ByteRange, Sources, aligning_residue, copy_range, write_all
 from vespo_megatron.convert.errors import ConversionError
 
 INDEX = "model.safetensors.index.json"
@@ -207,8 +207,7 @@ def write_safetensors(path: Path, tensors: Sequence[OutTensor], on_bytes: Callab
         offset = header[t.name]["data_offsets"][1]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((aligning_residue(pieces) - 8 - len(text)) % PAGE)
-    with open(path, "wb", buffering=0) as out, contextlib.ExitStack() as stack:
-        sources: dict[Path, int] = {}
+    with open(path, "wb", buffering=0) as out, Sources() as sources:
         write_all(out.fileno(), struct.pack("<Q", len(text)) + text)
         for t in ordered:
             if t.data is not None:
@@ -219,7 +218,5 @@ def write_safetensors(path: Path, tensors: Sequence[OutTensor], on_bytes: Callab
                 if sum(length for _, _, length in t.ranges) != t.nbytes:
                     raise ValueError(f"{t.name}: byte ranges do not add up to {t.nbytes} bytes")
                 for src, start, length in t.ranges:
-                    if src not in sources:
-                        sources[src] = stack.enter_context(open(src, "rb", buffering=0)).fileno()
-                    copy_range(sources[src], out.fileno(), start, length)
+                    copy_range(sources.fd(src), out.fileno(), start, length)
             on_bytes(t.nbytes)

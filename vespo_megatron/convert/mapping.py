@@ -285,5 +285,5 @@ def to_hf(spec: ModelSpec, rule: Rule, tensor: torch.Tensor, emit_tied_lm_head: 
     pairs = []
     for name, _, ranges in hf_rows(spec, rule, emit_tied_lm_head):
         part = torch.cat([tensor[a:b] for a, b in ranges]) if len(ranges) > 1 else tensor[ranges[0][0]:ranges[0][1]]
-        pairs.append((name, part.clone() if name == LM_HEAD and rule.hf == (EMBEDDING,) else part))
+        pairs.append((name, part if name in rule.hf else part.clone()))
     return pairs
