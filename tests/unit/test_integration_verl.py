@@ -239,7 +239,8 @@ def test_clear_error_without_verl():
 def test_verl_external_module_hook_registers_vespo():
     """VERL_USE_EXTERNAL_MODULES (read by ``import verl`` in every verl process) registers the three losses."""
     code = ("import sys, types\n"
-            "ray = types.ModuleType('ray'); ray.ObjectRef = type('ObjectRef', (), {}); sys.modules.setdefault('ray', ray)\n"
+            "ray = types.ModuleType('ray'); ray.ObjectRef = type('ObjectRef', (), {})\n"
+            "sys.modules.setdefault('ray', ray)\n"
             "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as r\n"
             "print(sorted(n for n in r if n.startswith('vespo')))\n")
     env_code = "import os; os.environ['VERL_USE_EXTERNAL_MODULES'] = 'vespo_megatron.integrations.verl'\n" + code

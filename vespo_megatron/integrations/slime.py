@@ -32,9 +32,10 @@ Configuration, from slime's args (``--custom-config-path`` YAML keys become args
   ``use_opsm``, ``allgather_cp``, ``custom_tis_function_path``, ``custom_pg_loss_reducer_function_path``, a non-zero
   ``tis_clip_low``, and ``use_tis`` together with ``use_rollout_logprobs`` (W would count the mismatch twice).
 
-The sign source of the asymmetric kernel is the advantage of the sequence's first response token on this rank (for
-slime's grpo / gspo / cispo estimators the advantage is constant along a sequence). A rank holding no response token
-of a sequence trains none of its tokens, so loss and gradients are exact; its per-sign metrics miss that sequence.
+The sign source of the asymmetric kernel is the advantage of the sequence's first response token on this rank. With
+advantages constant along each sequence (slime's grpo, gspo and cispo estimators) loss and gradients are therefore
+exact under CP; with per-token advantages the CP ranks may pick different signs (a warning is logged). A rank that
+holds no response token of a sequence trains none of its tokens; its φ and per-sign metrics use the A ≥ 0 kernel.
 Metrics: slime's loss, pg_loss, entropy_loss, ppo_kl, and the objective's metrics (vespo/*, actor/approx_kl, ...)
 each multiplied by sum_of_sample_mean(1), so slime's reduction reports their sample- (or token-) weighted mean over
 micro-batches and ranks.
@@ -123,7 +124,8 @@ def response_layout(
             spans, width = [(0, total)], total
         else:
             k = -(-total // (2 * cp_size))
-            spans, width = [(cp_rank * k, (cp_rank + 1) * k), ((2 * cp_size - 1 - cp_rank) * k, (2 * cp_size - cp_rank) * k)], 2 * k
+            mirror = 2 * cp_size - 1 - cp_rank
+            spans, width = [(cp_rank * k, (cp_rank + 1) * k), (mirror * k, (mirror + 1) * k)], 2 * k
         local = 0
         for start, stop in spans:
             lo, hi = max(start, first), min(stop, end)

@@ -86,7 +86,8 @@ def vespo_hparams(config: Any) -> dict[str, float]:
     hparams: dict[str, float] = {}
     for key in block.keys():
         if key not in HPARAM_NAMES:
-            raise ValueError(f"policy_loss.vespo.{key}: unknown VESPO hyper-parameter; known: {', '.join(HPARAM_NAMES)}")
+            known = ", ".join(HPARAM_NAMES)
+            raise ValueError(f"policy_loss.vespo.{key}: unknown VESPO hyper-parameter; known: {known}")
         hparams[key] = block[key]
     try:
         PolicyLossConfig.from_hparams(**hparams)
