@@ -1,5 +1,5 @@
-"""slime's custom-loss hook with VESPO: 2 gloo ranks with CP2 equal the 1-rank run (fp64, 1e-10), which equals a
-hand formula of the loss written from the logits.
+"""slime's custom-loss hook with VESPO: 2 gloo ranks with CP2, and 2 with TP2 (vocabulary shards of the logits),
+equal the 1-rank run (fp64, 1e-10), which equals a hand formula of the loss written from the logits.
 
 The micro-batch is built by this test in slime's convention (THUDM/slime: backends/megatron_utils/data.py
 ``get_batch``, cp_utils.py ``slice_with_cp`` / ``slice_log_prob_with_cp`` / ``get_sum_of_sample_mean``): per-sample
@@ -22,7 +22,7 @@ from vespo_megatron.megatron.parallel import init_parallel, spawn
 
 pytestmark = [pytest.mark.slow]
 
-VOCAB = 13
+VOCAB = 14  # even: TP2 splits it in two shards
 SAMPLES = {  # (prompt length, response length); "cp-empty": CP rank 0 holds no response token at all
     "mixed": [(5, 7), (3, 1), (8, 4), (2, 9), (7, 2)],
     "cp-empty": [(7, 2), (6, 3)],
@@ -103,15 +103,16 @@ def _slime_batch(data: dict, table: torch.Tensor, rank: int, cp: int, per_token:
     return batch, logits, sum_of_sample_mean
 
 
-def _rank_cases(rank: int, cp: int) -> dict:
+def _rank_cases(rank: int, cp: int, tp: int = 1) -> dict:
     from vespo_megatron.integrations import slime
 
-    init_parallel(cp=cp)
+    init_parallel(tp=tp, cp=cp)
     out = {}
     for case, (kind, fn_name, extra, per_token) in CASES.items():
         data = _data(kind)
         table = data["table"].clone().requires_grad_(True)
         batch, logits, reducer = _slime_batch(data, table, rank, cp, per_token)
+        logits = logits.chunk(tp, dim=-1)[rank % tp]  # this TP rank's vocabulary shard
         args = SimpleNamespace(calculate_per_token_loss=per_token, **extra)
         sent: list[str] = []
         originals = {n: getattr(dist, n) for n in COLLECTIVES}
@@ -175,6 +176,11 @@ def runs():
     return spawn(_rank_cases, 1, 1)[0], spawn(_rank_cases, 2, 2)
 
 
+@pytest.fixture(scope="module")
+def tp_runs(runs):
+    return runs[0], spawn(_rank_cases, 2, 1, 2)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_one_rank_equals_hand_formula(runs, case):
     one, _ = runs
@@ -200,3 +206,13 @@ def test_one_all_reduce_over_cp(runs, case):
     one, two = runs
     assert one[case]["sent"] == []
     assert [r[case]["sent"] for r in two] == [["all_reduce"], ["all_reduce"]]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_equals_one_rank(tp_runs, case):
+    """Both TP ranks compute the whole loss from their vocabulary shards; the shard gradients add up."""
+    one, two = tp_runs
+    for rank in two:
+        assert abs(rank[case]["loss"] - one[case]["loss"]) <= 1e-10
+    assert torch.allclose(two[0][case]["grad"] + two[1][case]["grad"], one[case]["grad"], rtol=0, atol=1e-10)
+    assert not two[0][case]["grad"][..., VOCAB // 2:].any() and not two[1][case]["grad"][..., :VOCAB // 2].any()
