@@ -40,11 +40,13 @@ import torch
 from torch import Tensor
 
 from vespo_megatron.objectives import PolicyLossConfig, compute_policy_loss
+from vespo_megatron.objectives.kernel import W_FLOOR  # the official floor of TIS weights: log max(ρ, 1e-8)
+from vespo_megatron.objectives.packed import LOG_PROB_TOLERANCE  # rollout log-probs above this are rejected
 
 try:
     from verl.trainer.ppo import core_algos
     from verl.workers.config import PolicyLossConfig as _VerlPolicyLossConfig
-except ImportError as _err:  # pragma: no cover - exercised by a test that hides verl
+except ImportError as _err:
     raise ImportError(
         "vespo_megatron.integrations.verl needs verl (written against verl 0.9.1: pip install verl==0.9.1); "
         f"importing verl failed: {_err}"
@@ -57,8 +59,6 @@ HPARAM_NAMES: tuple[str, ...] = ("k_pos", "lambda_pos", "k_neg", "lambda_neg")  
 VERL_AGG_MODES: tuple[str, ...] = (
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm",
 )
-W_FLOOR = 1e-8  # log max(ρ, 1e-8), as the official code floors TIS weights
-LOG_PROB_TOLERANCE = 1e-4  # the objectives reject rollout log-probs above this
 
 
 @dataclass
