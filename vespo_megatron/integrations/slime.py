@@ -147,7 +147,17 @@ def response_layout(
 def slime_policy_loss(
     name: str, args: Any, batch: dict, logits: Tensor, sum_of_sample_mean: SumOfSampleMean
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """(loss, metrics) of the registered objective ``name`` on one slime micro-batch (see the module docstring)."""
+    """The registered objective ``name`` on one slime micro-batch (layout and math in the module docstring).
+
+    Args:
+        name: vespo, vespo-lin or vespo-sqrt (any registered objective works the same way).
+        args: slime's argument namespace (the configuration listed in the module docstring).
+        batch: slime's micro-batch dict (per-sample lists; CP-local slices of the token fields).
+        logits: [1, T, V/tp] this rank's vocabulary shard of the packed logits.
+        sum_of_sample_mean: slime's normaliser of a [R] vector of this rank's response tokens.
+    Returns:
+        (loss: scalar, this rank's share, carrying the gradient of ``logits``; metrics: name -> 0-d tensor).
+    """
     cfg = loss_config(args)
     totals, responses = list(batch["total_lengths"]), list(batch["response_lengths"])
     num_seqs = len(totals)
