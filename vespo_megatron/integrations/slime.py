@@ -51,7 +51,7 @@ from torch import Tensor
 from vespo_megatron.megatron.logprobs import vocab_parallel_logprobs
 from vespo_megatron.megatron.loss import cp_seq_sum
 from vespo_megatron.megatron.parallel import loss_groups, ranks
-from vespo_megatron.objectives import POLICY_LOSSES, PackedPolicyInput, PolicyLossConfig
+from vespo_megatron.objectives import PackedPolicyInput, PolicyLossConfig, assemble_policy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -210,20 +210,19 @@ def slime_policy_loss(
         num_seqs=num_seqs, rollout_log_prob=None if rollout is None else one(rollout), entropy=one(entropy.detach()),
         seq_sum=cp_seq_sum(cp_group),
     )
-    out = POLICY_LOSSES[name].fn(inp, cfg)
-    token_loss = out.token_loss[: rows.numel()]
-    pg_loss = sum_of_sample_mean(token_loss)
+    local = rows.numel()  # the per-token loss of this rank's response tokens (the placeholder dropped)
+    pg_loss, loss_metrics = assemble_policy_loss(name, inp, cfg, aggregate=lambda t: sum_of_sample_mean(t[:local]))
     entropy_loss = sum_of_sample_mean(entropy)
     loss = pg_loss - float(getattr(args, "entropy_coef", 0.0) or 0.0) * entropy_loss
     if empty:
         loss = loss + 0 * logits.sum()  # as slime does: backward reaches the logits on every rank
-    weight = torch.as_tensor(sum_of_sample_mean(torch.ones_like(token_loss)), dtype=torch.float64).detach()
+    weight = torch.as_tensor(sum_of_sample_mean(torch.ones_like(logp[:local])), dtype=torch.float64).detach()
     metrics: dict[str, Tensor] = {
         "loss": loss.detach().clone(), "pg_loss": torch.as_tensor(pg_loss).detach().clone(),
         "entropy_loss": torch.as_tensor(entropy_loss).detach().clone(),
         "ppo_kl": torch.as_tensor(sum_of_sample_mean(old - logp.detach())).detach(),
     }
-    metrics.update({key: weight * value for key, value in out.metrics.items()})
+    metrics.update({key: weight * value for key, value in loss_metrics.items()})
     return loss, metrics
 
 
