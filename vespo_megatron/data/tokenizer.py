@@ -1,7 +1,7 @@
 """The tokenizer of a run, from a local directory only (``--tokenizer``, else ``--hf-checkpoint``), and its stop ids.
 
-Stop ids come from the model's files, never from constants: ``generation_config.json``'s ``eos_token_id`` (an int
-or a list) when present, and the tokenizer's EOS token.
+Stop ids come from the model's files, never from constants: the ``eos_token_id`` (an int or a list) of
+``generation_config.json`` and ``config.json`` when present, and the tokenizer's EOS token.
 """
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def eos_token_ids(model_dir: str | Path | None, tokenizer: Any = None) -> list[int]:
-    """Sorted stop ids: generation_config.json's ``eos_token_id`` (int or list) and the tokenizer's EOS."""
+    """Sorted stop ids: ``eos_token_id`` (int or list) of the model directory's generation_config.json and
+    config.json, and the tokenizer's EOS."""
     ids: set[int] = set()
-    if model_dir is not None:
-        gen = Path(model_dir) / "generation_config.json"
-        if gen.is_file():
-            value = json.loads(gen.read_text()).get("eos_token_id")
+    for name in ("generation_config.json", "config.json"):
+        file = Path(model_dir) / name if model_dir is not None else None
+        if file is not None and file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
             ids |= set(value) if isinstance(value, list) else ({value} if value is not None else set())
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
