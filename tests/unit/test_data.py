@@ -144,3 +144,17 @@ def test_generated_arithmetic_set_through_the_dataset(tmp_path, tok):
     ds = PromptDataset.load(PromptDataConfig(str(write_jsonl(rows, tmp_path / "a.jsonl")), label_key="label",
                                              metadata_key="metadata", apply_chat_template=True), tok)
     assert len(ds) == 20 and all(p.ids[-1] == tok("\n")["input_ids"][0] for p in ds.prompts)
+
+
+def test_dataset_prompts_resume_with_the_next_unseen_prompt(tmp_path, tok):
+    from vespo_megatron.data.stream import DatasetPrompts
+
+    rows = arithmetic_rows(7, seed=1)
+    ds = PromptDataset.load(PromptDataConfig(str(write_jsonl(rows, tmp_path / "a.jsonl")), label_key="label"), tok)
+    full = [p.row for p in DatasetPrompts(ds, shuffle=True, seed=5).take(12)]
+    first = DatasetPrompts(ds, shuffle=True, seed=5)
+    assert [p.row for p in first.take(4)] == full[:4]
+    state = first.state_dict()
+    resumed = DatasetPrompts(ds, shuffle=True, seed=5)
+    resumed.load_state_dict(state)
+    assert [p.row for p in resumed.take(8)] == full[4:] and resumed.epoch == 1
