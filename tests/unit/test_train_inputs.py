@@ -143,3 +143,19 @@ def test_run_inputs_synthetic_and_real(tmp_path):
         build_inputs(TrainConfig(hf_checkpoint=str(tmp_path), custom_reward_path="nope.py:f"), vocab_size=96)
     with pytest.raises(UsageError, match="--eval-prompt-data: .*nope.jsonl: no such file"):
         build_inputs(TrainConfig(**{**cfg.__dict__, "eval_prompt_data": [["e", str(tmp_path / "nope.jsonl")]]}), 96)
+
+
+def test_readme_dapo_math_example_is_accepted_by_the_parser():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from vespo_megatron.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"DAPO-Math-17k.*?```bash\n(.*?)```", readme, re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["vespo-megatron", "train"]
+    cfg = config_from_args(build_parser().parse_args(argv[1:]))
+    assert (cfg.reward, cfg.label_key, cfg.dynamic_sampling, cfg.eval_prompt_data) == (
+        "dapo", "reward_model.ground_truth", True, [["aime24", "/data/aime-2024.parquet"]])
