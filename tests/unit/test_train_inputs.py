@@ -159,3 +159,22 @@ def test_readme_dapo_math_example_is_accepted_by_the_parser():
     cfg = config_from_args(build_parser().parse_args(argv[1:]))
     assert (cfg.reward, cfg.label_key, cfg.dynamic_sampling, cfg.eval_prompt_data) == (
         "dapo", "reward_model.ground_truth", True, [["aime24", "/data/aime-2024.parquet"]])
+
+
+def test_repeat_task_as_a_prompt_source():
+    from vespo_megatron.train.task import RepeatPrompts, RepeatTask
+
+    task = RepeatTask(vocab_size=32, eos=20)
+    source = RepeatPrompts(task, seed=3)
+    first = source.take(4)
+    assert [p.ids for p in first] == task.prompts(4, seed=3 * 100_003)  # draw 0: the seeding of earlier versions
+    assert first[0].metadata == {"max_len": 3, "eos": 20}
+    state = source.state_dict()
+    second = source.take(4)
+    resumed = RepeatPrompts(task, seed=3)
+    resumed.load_state_dict(state)
+    assert [p.ids for p in resumed.take(4)] == [p.ids for p in second]
+    symbol = first[0].ids[1]
+    assert task.reward(first[0].ids, [symbol] * task.target_len(symbol) + [20]) == 1.5
+    with pytest.raises(ValueError, match="stop token 5 collides"):
+        RepeatTask(vocab_size=32, eos=5)
