@@ -144,7 +144,9 @@ def test_custom_reward_loading(tmp_path):
     cases = [("no_colon", "expected module:function"), (f"{tmp_path}/nope.py:rm", "no file"),
              ("vespo_no_such_module:rm", "cannot import module 'vespo_no_such_module'"),
              (f"{tmp_path}/my_rm.py:missing", "has no attribute 'missing'"),
-             (f"{tmp_path}/my_rm.py:NOT_CALLABLE", "is a int, not callable")]
+             (f"{tmp_path}/my_rm.py:NOT_CALLABLE", "is a int, not callable"),
+             (f"{tmp_path}/broken.py:rm", "importing .*broken.py failed: ZeroDivisionError")]
+    (tmp_path / "broken.py").write_text("x = 1 / 0\n")
     for path, message in cases:
         with pytest.raises(ValueError, match=f"--custom-reward-path: .*{message}"):
             load_custom_reward(path)

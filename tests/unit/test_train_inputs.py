@@ -26,7 +26,7 @@ def _args(argv):
 def test_rollout_flags_and_their_old_names():
     new = _args(["--rollout-temperature", "0.6", "--rollout-max-response-len", "9", "--rollout-top-p", "0.9",
                  "--rollout-top-k", "5", "--rollout-stop-token-ids", "7", "--rollout-stop-token-ids", "8",
-                 "--rollout-stop", "</a>"])
+                 "--rollout-stop", "</a>", "--sglang-url", "http://sglang:30000"])
     old = _args(["--temperature", "0.6", "--max-new-tokens", "9"])
     assert (new.temperature, new.max_new_tokens) == (old.temperature, old.max_new_tokens) == (0.6, 9)
     assert (new.rollout_top_p, new.rollout_top_k, new.rollout_stop_token_ids, new.rollout_stop) == (
@@ -47,6 +47,7 @@ def test_rollout_flags_and_their_old_names():
     (["--reward-errors", "ignore"], "--reward-errors"),
     (["--prompt-data-bad-rows", "drop"], "--prompt-data-bad-rows"),
     (["--dynamic-sampling-max-rounds", "0"], "--dynamic-sampling-max-rounds"),
+    (["--rollout-stop", "</a>"], "--rollout-stop: stop strings need a server"),
 ])
 def test_bad_flags_are_named(argv, flag):
     with pytest.raises(UsageError, match=flag):
@@ -139,6 +140,11 @@ def test_run_inputs_synthetic_and_real(tmp_path):
     assert real.sampling_params(greedy=True)["temperature"] == 0.0
     with pytest.raises(UsageError, match="--prompt-data: .*token id 8[0-9] >= the model's vocab_size 64"):
         build_inputs(cfg, vocab_size=64)
+    (tmp_path / "plain").mkdir()
+    build_tokenizer(tmp_path / "plain")
+    (tmp_path / "plain" / "chat_template.jinja").unlink()
+    with pytest.raises(UsageError, match="--apply-chat-template: the tokenizer of .*plain has no chat template"):
+        build_inputs(TrainConfig(**{**cfg.__dict__, "tokenizer": str(tmp_path / "plain")}), 96)
     with pytest.raises(UsageError, match="--custom-reward-path: no file"):
         build_inputs(TrainConfig(hf_checkpoint=str(tmp_path), custom_reward_path="nope.py:f"), vocab_size=96)
     with pytest.raises(UsageError, match="--eval-prompt-data: .*nope.jsonl: no such file"):

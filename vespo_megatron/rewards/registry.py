@@ -67,12 +67,17 @@ def _import_target(module: str) -> Any:
         spec = importlib.util.spec_from_file_location(f"vespo_custom_reward_{path.stem}", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as err:  # noqa: BLE001 - the user's module: name it and its error
+            raise ValueError(f"--custom-reward-path: importing {path} failed: {type(err).__name__}: {err}") from err
         return mod
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as err:
         raise ValueError(f"--custom-reward-path: cannot import module {module!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - the user's module: name it and its error
+        raise ValueError(f"--custom-reward-path: importing {module} failed: {type(err).__name__}: {err}") from err
 
 
 def load_custom_reward(path: str, batched: bool = False) -> Reward:

@@ -205,6 +205,9 @@ class TrainConfig:
                              f"{', '.join(ESTIMATORS)}")
         if self.dynamic_sampling_max_rounds < 1:
             raise UsageError("--dynamic-sampling-max-rounds", f"must be >= 1, got {self.dynamic_sampling_max_rounds}")
+        if self.rollout_stop and self.sglang_url is None:
+            raise UsageError("--rollout-stop", "stop strings need a server that detokenises (--sglang-url); the CPU "
+                             "engine has no tokenizer: use --rollout-stop-token-ids")
         if self.prompt_data and not (self.reward or self.custom_reward_path):
             raise UsageError("--reward", "required with --prompt-data (or --custom-reward-path module:function)")
         if self.apply_chat_template and not self.prompt_data:
@@ -219,11 +222,6 @@ class TrainConfig:
                              "must be >= 0 (interval) and >= 1 (samples)")
         if self.eval_prompt_data and not self.eval_interval:
             raise UsageError("--eval-interval", "set it (> 0) to evaluate the --eval-prompt-data sets")
-
-    @property
-    def reward_name(self) -> str:
-        """The reward of the run: --custom-reward-path, else --reward, else the synthetic task's."""
-        return self.custom_reward_path or self.reward or "repeat"
 
 
 def _flag(name: str) -> str:

@@ -61,6 +61,9 @@ def build_inputs(cfg: TrainConfig, vocab_size: int) -> RunInputs:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.hf_checkpoint)
     except ValueError as err:
         raise UsageError("--tokenizer", str(err).removeprefix("--tokenizer: ")) from err
+    if cfg.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError("--apply-chat-template", f"the tokenizer of {cfg.tokenizer or cfg.hf_checkpoint} has no chat "
+                         "template")
     stop_ids = eos_token_ids(cfg.hf_checkpoint, tokenizer)
     if not stop_ids and not cfg.rollout_stop:
         logger.warning("no EOS in %s or its tokenizer: responses end at --rollout-max-response-len only",
