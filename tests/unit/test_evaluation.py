@@ -79,3 +79,11 @@ def test_eval_reward_errors_are_named_or_counted():
         evaluate(client, [EvalSet("s", data)], Reward("broken", broken), {}, 1, tag="t")
     out = evaluate(client, [EvalSet("s", data)], Reward("broken", broken), {}, 1, reward_errors="zero")
     assert out["eval/s/reward/errors"] == 1.0 and out["eval/s/mean_reward"] == 0.0
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    for n in range(1, 13):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                expected = 1 - math.comb(n - c, k) / math.comb(n, k)
+                assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12), (n, c, k)
