@@ -4,7 +4,6 @@ import argparse
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from vespo_megatron.data import PromptDataConfig, PromptDataset

@@ -2,8 +2,8 @@
 data position (the next iteration and policy version), so a resumed run reproduces the uninterrupted one.
 
 Layout of ``<dir>/iter_<n>/``: ``model/`` (torch_dist), ``rank_<r>.pt`` (optimizer state, torch/numpy/python RNG),
-``meta.json`` (iteration, version, the model's HF architecture fields, the prompt source's position). ``<dir>/latest`` names the newest iteration;
-it is written last, so an interrupted save is never picked up.
+``meta.json`` (iteration, version, the model's HF architecture fields, the prompt source's position).
+``<dir>/latest`` names the newest iteration; it is written last, so an interrupted save is never picked up.
 """
 from __future__ import annotations
 

@@ -161,7 +161,8 @@ def make_producer(client: Any, prompts: Any, reward: Reward, *, rollout_batch_si
         metrics = {f"reward/{k}": float(np.mean(v)) for k, v in extras.items()}
         metrics.update({"reward/errors": float(errors), "data/epoch": float(prompts.epoch)})
         if dynamic_sampling:
-            metrics.update({"dynamic_sampling/dropped_groups": float(dropped), "dynamic_sampling/rounds": float(rounds)})
+            metrics["dynamic_sampling/dropped_groups"] = float(dropped)
+            metrics["dynamic_sampling/rounds"] = float(rounds)
         groups = [i // n for i in range(len(records))]
         return RolloutBatch(iteration, version, records, np.asarray(rewards, dtype=np.float64), groups, metrics,
                             prompts.state_dict())
