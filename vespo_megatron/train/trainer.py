@@ -44,6 +44,9 @@ from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 
 
+EVAL_SEED_OFFSET = 7_919  # evaluation samples with seeds apart from the training rollouts
+
+
 @dataclass
 class StepResult:
     iteration: int
@@ -195,7 +198,7 @@ class Trainer:
 
         cfg, inputs = self.cfg, self.inputs
         return evaluate(self.client, inputs.eval_sets, inputs.reward, inputs.sampling_params(greedy=cfg.eval_greedy),
-                        cfg.n_samples_per_eval_prompt, tokenizer=inputs.tokenizer, seed=cfg.seed + 7_919,
+                        cfg.n_samples_per_eval_prompt, tokenizer=inputs.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET,
                         reward_errors=cfg.reward_errors, tag=str(self.iteration))
 
     def _phase(self, name: str, mbs: list[MicroBatch], offset: int = 0):
