@@ -31,7 +31,9 @@ setup(
         "matplotlib",
         "requests",
         "datasets",  # prompt datasets: jsonl, parquet, save_to_disk directories
-        "math-verify",  # the math reward: answer extraction and equivalence
+        # the math reward (answer extraction and equivalence); the ANTLR 4.9.3 runtime is the one omegaconf/hydra
+        # (verl, NeMo) pin, so both parsers live in one environment
+        "math-verify[antlr4_9_3]",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "tensorboard"],
