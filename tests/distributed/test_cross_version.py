@@ -34,6 +34,7 @@ from vespo_megatron.routing.replay import RoutingReplay
 from vespo_megatron.routing.shard import batch_shard
 from vespo_megatron.routing.trace import pack
 
+pytestmark = pytest.mark.slow
 NUMBERS = os.environ.get("VESPO_MCORE_NUMBERS")
 # case -> tolerance. Sigmoid gates: up to 0.17 megatron-core normalises the gathered scores in the logits' dtype
 # (fp64 here), from 0.18 in fp32 ("all intermediate calculations in fp32", cast at the end): the experts stay

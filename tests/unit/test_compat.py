@@ -1,6 +1,9 @@
 """The CPU/version shims: each applies to the installed megatron-core, and its upstream code is unchanged."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from packaging.specifiers import SpecifierSet
@@ -24,14 +27,14 @@ def test_upstream_code_unchanged(shim):
 
 @pytest.mark.parametrize("shim", compat.SHIMS, ids=lambda s: s.name)
 def test_fingerprint_tables_cover_the_supported_releases(shim):
-    """Every shim names, per release line, the code it was checked against: entries never overlap; the lines this
-    project is tested on (0.16 and 0.19) are covered wherever the shim is still needed."""
-    lines = [Version(f"0.{minor}.0") for minor in range(16, 20)]
-    for version in lines:
+    """Every shim names, per release line, the code it was checked against: entries never overlap, every release
+    published in the supported range (0.16.0 ... 0.19.2) has its line's entry wherever the shim is still needed, and
+    no entry reaches past the supported range (a new line gets its entry once its code was read)."""
+    releases = [Version(v) for v in ("0.16.0", "0.16.1", "0.17.0", "0.17.1", "0.18.0", "0.18.2", "0.19.0", "0.19.2")]
+    for version in releases:
         compat.fingerprint_for(shim.fingerprints, version)  # raises on overlapping entries
-    assert all(Version(v) in SpecifierSet(compat.SUPPORTED) for spec in shim.fingerprints
-               for v in ("0.16.0", "0.19.2") if Version(v) in SpecifierSet(spec))
-    covered = [shim.applies_to(v) for v in lines]
+    assert not shim.applies_to(Version("0.20.0")) and not shim.applies_to(Version("0.15.3"))
+    covered = [shim.applies_to(v) for v in releases]
     assert covered[0], f"{shim.name}: no entry for 0.16"
     assert covered == sorted(covered, reverse=True), f"{shim.name}: a shim is dropped for good, not for one line"
     assert all(len(fp) == 16 and int(fp, 16) >= 0 for fp in shim.fingerprints.values()), shim.fingerprints
@@ -62,6 +65,11 @@ def test_fingerprint_lookup_by_version():
     assert compat.fingerprint_for(table, Version("0.17.1")) is None
     with pytest.raises(ValueError, match="several entries match megatron-core 0.16.1"):
         compat.fingerprint_for({**table, ">=0.16,<0.17": "c" * 16}, Version("0.16.1"))
+
+
+def test_supported_range_is_the_one_setup_py_installs():
+    setup_py = (Path(__file__).parents[2] / "setup.py").read_text()
+    assert re.findall(r'"megatron-core([^"]*)"', setup_py) == [compat.SUPPORTED]
 
 
 def test_version_ignores_the_local_label():
