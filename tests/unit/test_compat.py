@@ -103,6 +103,20 @@ def test_alltoall_splits_become_numpy():
     assert moe_utils.maybe_move_tensor_to_cpu is token_dispatcher.maybe_move_tensor_to_cpu
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_cpu_grad_clipping_by_hand(as_tensor):
+    """max_norm 1, total norm 4 -> grads × 1/(4 + 1e-6); total norm 0.5 -> unchanged (float or tensor norm)."""
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    compat.install()
+    for norm, coeff in ((4.0, 1.0 / (4.0 + 1e-6)), (0.5, 1.0)):
+        param = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        param.grad = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+        total = torch.tensor(norm, dtype=torch.float64) if as_tensor else norm
+        optimizer_module.clip_grad_by_total_norm_fp32([param], 1.0, total)
+        torch.testing.assert_close(param.grad, torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64) * coeff)
+
+
 def test_fingerprint_detects_a_change(monkeypatch):
     shim = compat.SHIMS[0]
     original = compat.source_fingerprint(shim.targets)

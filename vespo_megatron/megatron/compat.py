@@ -197,7 +197,7 @@ def _wrap_optimizers() -> None:
 
 def _clip_grads_on_cpu() -> None:
     """``clip_grad_by_total_norm_fp32`` asserts CUDA grads (and from 0.17 allocates a CUDA overflow buffer on every
-    call); on CPU scale the grads by min(1, max_norm / (norm + 1e-6)). 0.19 may pass the norm as a tensor."""
+    call); on CPU scale the grads by min(1, max_norm / (norm + 1e-6)). From 0.17 the norm may be a tensor."""
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as optimizer_module
 
