@@ -22,7 +22,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        "megatron-core>=0.16,<0.17",
+        "megatron-core>=0.16,<0.20",
+        # megatron-core 0.18+ imports triton (a CPU torch lacks it); pip resolves 0.17+ only on Python 3.12+
+        'triton; python_version >= "3.12" and sys_platform == "linux"',
         "numpy",
         "psutil",  # megatron-core's dist_checkpointing needs it but does not declare it
         "safetensors",

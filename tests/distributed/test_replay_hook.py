@@ -18,6 +18,7 @@ pytest.importorskip("megatron.core")
 
 from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function  # noqa: E402
 from packaging.specifiers import SpecifierSet  # noqa: E402
+from packaging.version import Version  # noqa: E402
 
 from vespo_megatron.megatron import compat  # noqa: E402
 from vespo_megatron.routing.health import differ_rows  # noqa: E402
@@ -31,7 +32,12 @@ HOOK_TARGETS = (
     "megatron.core.transformer.moe.router:TopKRouter.routing",
     "megatron.core.transformer.moe.router_replay:RouterReplay.get_replay_topk",
 )
-HOOK_VERSIONS, HOOK_FINGERPRINT = ">=0.16,<0.17", "7efcbc8157aff118"
+# per release line, read before accepting: 0.17 adds dense_output (after the hook); 0.18 unsorted top-k without grad,
+# sqrtsoftplus, fp32 scores until the final cast; 0.19 precomputed_indices (bypasses the hook, passed only by
+# quantile-balancing routing, which find_routers refuses) and RouterReplay static buffers / layer_number
+HOOK_FINGERPRINTS = {"==0.16.*": "7efcbc8157aff118", "==0.17.*": "0e2d2758098ee561",
+                     "==0.18.*": "d61a9a64564b8d29", "==0.19.*": "82b52fd6fc81bc57"}
+INSTALLED = compat.megatron_version()
 
 
 class ToyRouter(torch.nn.Module):
@@ -79,8 +85,9 @@ LOGITS = torch.log(torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [1.
 
 
 def test_upstream_hook_unchanged():
-    assert compat.megatron_version() in SpecifierSet(HOOK_VERSIONS)
-    assert compat.source_fingerprint(HOOK_TARGETS) == HOOK_FINGERPRINT
+    assert INSTALLED in SpecifierSet(compat.SUPPORTED)
+    assert all(compat.fingerprint_for(HOOK_FINGERPRINTS, Version(f"0.{m}.0")) for m in range(16, 20))
+    assert compat.source_fingerprint(HOOK_TARGETS) == compat.fingerprint_for(HOOK_FINGERPRINTS, INSTALLED)
 
 
 def test_softmax_replay_gathers_full_scores_and_gradient_reaches_replayed_experts():
@@ -108,6 +115,49 @@ def test_sigmoid_with_expert_bias_uses_unbiased_scores_at_the_replayed_ids():
         probs = model(logits)
     torch.testing.assert_close(probs[0], torch.tensor([[0.4, 0.6, 0.0, 0.0]]))  # (1/2, 3/4) / (5/4)
     torch.testing.assert_close(probs[1], torch.tensor([[0.5, 0.0, 0.5, 0.0]]))
+
+
+NATIVE_GATES = Version("0.19") <= INSTALLED  # topk_routing_with_score_function(precomputed_indices=...)
+
+
+@pytest.mark.skipif(INSTALLED < Version("0.18"), reason="sqrtsoftplus routing exists from megatron-core 0.18")
+def test_sqrtsoftplus_replay_uses_the_unbiased_scores_at_the_replayed_ids():
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])
+    model = ToyModel(score="sqrtsoftplus", bias=bias)
+    replay = RoutingReplay(model, "r3")
+    logits = torch.tensor([[math.log(math.e ** 4 - 1), math.log(math.e - 1), 0.0, 0.0]])  # sqrt(softplus): 2, 1
+    with replay.phase("update", [np.array([[[0, 1], [1, 0]]])]):
+        probs = model(logits)
+    for p in probs:
+        torch.testing.assert_close(p, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]]))
+
+
+@pytest.mark.skipif(not NATIVE_GATES, reason="precomputed_indices exists from megatron-core 0.19; on older lines the "
+                    "hand-value tests above check the same gate weights")
+@pytest.mark.parametrize("score,pre_softmax,bias,groups", [
+    ("softmax", False, None, None), ("softmax", True, None, None), ("sigmoid", False, True, None),
+    ("sigmoid", False, None, (2, 1)), ("sqrtsoftplus", False, True, None)])
+def test_replayed_gates_equal_megatron_native_precomputed_indices(score, pre_softmax, bias, groups):
+    """The slot's gate weights (fp64, bitwise) = megatron's own gates at caller-given ids, every score function;
+    with its routing map the replayed experts, and the router gradient too."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 8, dtype=torch.float64, generator=gen)
+    ids = torch.stack([torch.randperm(8, generator=gen)[:K] for _ in range(64)])
+    kwargs = dict(use_pre_softmax=pre_softmax, score_function=score,
+                  expert_bias=torch.linspace(-1, 1, 8, dtype=torch.float64) if bias else None,
+                  num_groups=groups and groups[0], group_topk=groups and groups[1])
+    slot = RoutingReplay(ToyModel(), "r3")._slots[0][0]
+    slot.action = "replay"
+    slot.set_target(ids, None)
+    got_in, want_in = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    got, got_map = topk_routing_with_score_function(got_in, K, router_replay=slot, **kwargs)
+    want, want_ids = topk_routing_with_score_function(want_in, K, dense_output=True, precomputed_indices=ids,
+                                                      **kwargs)
+    assert torch.equal(got.gather(1, ids), want) and torch.equal(want_ids, ids)
+    assert torch.equal(got_map.nonzero()[:, 1].view(-1, K).sort(1).values, ids.sort(1).values)
+    (got.gather(1, ids) * torch.arange(K)).sum().backward()
+    (want * torch.arange(K)).sum().backward()
+    assert torch.equal(got_in.grad, want_in.grad) and got_in.grad.abs().sum() > 0
 
 
 def test_missing_rows_fall_back_to_the_live_router_and_health_counts_by_hand():

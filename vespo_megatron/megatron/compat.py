@@ -1,8 +1,10 @@
 """Every shim Megatron-Core needs on CPU + gloo (and across its versions), in one module.
 
-Each shim is a :class:`Shim` with the megatron-core version range it applies to, the upstream objects it replaces
-or works around (``targets``) and a fingerprint of their source. ``tests/unit/test_compat.py`` recomputes the
-fingerprints, so a shim whose upstream code changed fails a test instead of silently misbehaving.
+Each shim is a :class:`Shim` with the upstream objects it replaces or works around (``targets``) and, per
+megatron-core release line it applies to, a fingerprint of their source there (``fingerprints``: PEP 440 specifier ->
+sha256[:16]); a release outside every specifier gets no shim. ``tests/unit/test_compat.py`` recomputes the fingerprint
+of the installed release, so a shim whose upstream code changed fails a test instead of silently misbehaving. A new
+release line gets its entry only after its code under the targets was read again.
 
 ``install()`` is idempotent. The CUDA shims are only installed when torch has no usable CUDA device: on a GPU machine
 only the version-bug shims apply.
@@ -13,30 +15,53 @@ import contextlib
 import hashlib
 import importlib
 import inspect
+import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, Optional
 
 import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ">=0.16,<0.20"  # the megatron-core releases this project is built and tested against (setup.py)
+
 
 @dataclass(frozen=True)
 class Shim:
-    """One workaround: ``apply()`` is run when megatron-core's version is in ``versions`` (and ``cpu_only`` holds)."""
+    """One workaround: ``apply()`` is run when megatron-core's version is in one of ``fingerprints``' specifiers
+    (and ``cpu_only`` holds)."""
 
     name: str
-    versions: str  # PEP 440 specifier of megatron-core versions
     cpu_only: bool
     targets: tuple[str, ...]  # "module:qualname" of the upstream code the shim replaces or relies on
-    fingerprint: str  # sha256[:16] of the targets' source, as measured on the version range above
+    fingerprints: Mapping[str, str]  # megatron-core specifier -> sha256[:16] of the targets' source in those releases
     apply: Callable[[], None]
+
+    def applies_to(self, version: Version) -> bool:
+        return fingerprint_for(self.fingerprints, version) is not None
+
+
+def fingerprint_for(fingerprints: Mapping[str, str], version: Version) -> Optional[str]:
+    """The fingerprint recorded for ``version`` (None: no entry). Entries must not overlap.
+
+    Args:
+        fingerprints: PEP 440 specifier of megatron-core releases -> fingerprint measured on them.
+        version: a megatron-core version.
+    Returns:
+        The fingerprint of the one matching entry, or None.
+    """
+    matches = [fp for spec, fp in fingerprints.items() if version in SpecifierSet(spec)]
+    if len(matches) > 1:
+        raise ValueError(f"fingerprint table {dict(fingerprints)}: several entries match megatron-core {version}")
+    return matches[0] if matches else None
 
 
 def megatron_version() -> Version:
     from megatron.core import package_info
 
-    return Version(package_info.__version__)
+    return Version(Version(package_info.__version__).public)  # without the "+<commit>" a git checkout appends
 
 
 def resolve(target: str) -> object:
@@ -171,7 +196,8 @@ def _wrap_optimizers() -> None:
 
 
 def _clip_grads_on_cpu() -> None:
-    """``clip_grad_by_total_norm_fp32`` asserts CUDA grads; on CPU scale them by max_norm / (norm + 1e-6) if < 1."""
+    """``clip_grad_by_total_norm_fp32`` asserts CUDA grads (and from 0.17 allocates a CUDA overflow buffer on every
+    call); on CPU scale the grads by min(1, max_norm / (norm + 1e-6)). From 0.17 the norm may be a tensor."""
     from megatron.core.optimizer import clip_grads
     from megatron.core.optimizer import optimizer as optimizer_module
 
@@ -185,9 +211,12 @@ def _clip_grads_on_cpu() -> None:
         if any(g.is_cuda for g in grads):
             return original(parameters, max_norm, total_norm, use_decoupled_grad)
         coeff = max_norm / (total_norm + 1.0e-6)
-        if coeff < 1.0:
-            for grad in grads:
-                grad.mul_(coeff)
+        if torch.is_tensor(coeff):
+            coeff = coeff.clamp_max(1.0)
+        elif coeff >= 1.0:
+            return
+        for grad in grads:
+            grad.mul_(coeff)
 
     clip_grad_by_total_norm_fp32._vespo_cpu = True
     clip_grad_by_total_norm_fp32.__wrapped__ = original
@@ -232,25 +261,33 @@ def _splits_as_numpy() -> None:
 
 SHIMS: tuple[Shim, ...] = (
     Shim(
-        "torch-cuda-plumbing", ">=0.16,<0.17", True,
+        "torch-cuda-plumbing", True,
         ("megatron.core.transformer.moe.token_dispatcher:MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
          "megatron.core.pipeline_parallel.p2p_communication:P2PCommunicator._communicate"),
-        "674c62038b2f4fbc", _patch_torch_cuda,
+        {"==0.16.*": "674c62038b2f4fbc", "==0.17.*": "674c62038b2f4fbc",
+         "==0.18.*": "674c62038b2f4fbc", "==0.19.*": "674c62038b2f4fbc"},
+        _patch_torch_cuda,
     ),
     Shim(
-        "rng-tracker-on-cpu", ">=0.16,<0.17", True,
+        "rng-tracker-on-cpu", True,
         ("megatron.core.tensor_parallel.random:_get_cuda_rng_state",
          "megatron.core.tensor_parallel.random:_set_cuda_rng_state",
          "megatron.core.tensor_parallel.random:CudaRNGStatesTracker.add"),
-        "1902173cb4629e96", _patch_rng_tracker,
+        {"==0.16.*": "1902173cb4629e96", "==0.17.*": "1902173cb4629e96",
+         "==0.18.*": "1902173cb4629e96", "==0.19.*": "1902173cb4629e96"},
+        _patch_rng_tracker,
     ),
-    Shim(
-        "schedules-cuda-literals", ">=0.16,<0.17", True,
+    Shim(  # 0.17 backward_step lost model_type, 0.18 paged_stash_reset, 0.19 _build_default_pg_collection: the
+        # device="cuda" literals stay in every schedule of every line, all under the mode
+        "schedules-cuda-literals", True,
         tuple(f"megatron.core.pipeline_parallel.schedules:{name}" for name in _SCHEDULES),
-        "2d5eea4b416691f9", _wrap_schedules,
+        {"==0.16.*": "2d5eea4b416691f9", "==0.17.*": "17b7ca7cd0075bd4",
+         "==0.18.*": "0d4315d83a4f2463", "==0.19.*": "f66404d65498eb13"},
+        _wrap_schedules,
     ),
-    Shim(
-        "optimizer-cuda-literals", ">=0.16,<0.17", True,
+    Shim(  # 0.17 clip allocates its CUDA buffer on every call and takes tensor norms, 0.18 emerging optimizers, 0.19
+        # grad-norm groups (has_grad_norm_group allocates on cuda): all inside the wrapped calls
+        "optimizer-cuda-literals", True,
         ("megatron.core.optimizer:get_megatron_optimizer",
          "megatron.core.optimizer.optimizer:FP32Optimizer.__init__",
          "megatron.core.optimizer.optimizer:FP32Optimizer.step",
@@ -258,17 +295,22 @@ SHIMS: tuple[Shim, ...] = (
          "megatron.core.optimizer.optimizer:MixedPrecisionOptimizer.__init__",
          "megatron.core.optimizer.optimizer:ChainedOptimizer.step",
          "megatron.core.optimizer.clip_grads:clip_grad_by_total_norm_fp32"),
-        "339934591199c12b", _wrap_optimizers,
+        {"==0.16.*": "339934591199c12b", "==0.17.*": "ab2f00415b685524",
+         "==0.18.*": "763d11c8cf6ded5d", "==0.19.*": "34a77e5b5be15bd7"},
+        _wrap_optimizers,
     ),
-    Shim(
-        "te-general-gemm-undefined", ">=0.16,<0.17", False,
+    Shim(  # fixed upstream in 0.17.0: moe_utils defines te_general_gemm = None without Transformer Engine
+        "te-general-gemm-undefined", False,
         ("megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward",),
-        "dcba4f9f02b30a36", _define_te_general_gemm,
+        {"==0.16.*": "dcba4f9f02b30a36"},
+        _define_te_general_gemm,
     ),
     Shim(
-        "alltoall-splits-numpy", ">=0.16,<0.17", True,
+        "alltoall-splits-numpy", True,
         ("megatron.core.transformer.moe.moe_utils:maybe_move_tensor_to_cpu",),
-        "8fc5847a887d7319", _splits_as_numpy,
+        {"==0.16.*": "8fc5847a887d7319", "==0.17.*": "8fc5847a887d7319",
+         "==0.18.*": "8fc5847a887d7319", "==0.19.*": "8fc5847a887d7319"},
+        _splits_as_numpy,
     ),
 )
 
@@ -281,10 +323,13 @@ def install() -> list[str]:
         return list(_installed)
     on_cpu = not torch.cuda.is_available()
     version = megatron_version()
+    if version not in SpecifierSet(SUPPORTED):
+        logger.warning("megatron-core %s is outside the supported range %s: no shim is known for it", version,
+                       SUPPORTED)
     for shim in SHIMS:
         if shim.cpu_only and not on_cpu:
             continue
-        if version not in SpecifierSet(shim.versions):
+        if not shim.applies_to(version):
             continue
         shim.apply()
         _installed.append(shim.name)

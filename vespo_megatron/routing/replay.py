@@ -57,8 +57,8 @@ def find_routers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
             raise RuntimeError(f"{name}: this megatron-core has no routing-replay hook (needs >= 0.16)")
         if module.config.moe_router_fusion:
             raise ValueError(f"{name}: moe_router_fusion=True bypasses the routing-replay hook; disable it")
-        if getattr(module, "routing_type", None) == "sinkhorn":
-            raise ValueError(f"{name}: sinkhorn routing has no routing-replay hook")
+        if getattr(module, "routing_type", None) in ("sinkhorn", "quantile_balancing"):
+            raise ValueError(f"{name}: {module.routing_type} routing has no routing-replay hook")
         routers.append(module)
     return routers
 
