@@ -35,7 +35,8 @@ class HfToMcoreOptions:
     layout: Layout = Layout()
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     divisible_by: int = 128  # vocabulary padding multiple (times tp)
-    stacked: bool = False  # stacked [L, …] layer keys instead of per-layer keys
+    per_layer_keys: bool = False  # per-layer keys even where stock Megatron-Core stacks the layers [L, …]
+    transformer_impl: str = "local"  # layer spec whose keys are written: local | transformer_engine
     ignore: str | None = None  # regex of source tensors to skip (e.g. MTP layers)
     per_rank: bool = False  # also write per-rank shards for ``layout``
     resume: bool = False
@@ -135,8 +136,8 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     """Convert (or with ``dry_run`` only plan) ``src`` -> ``dst``; return the plan."""
     src, dst = Path(src), Path(dst)
     hf_config = load_hf_config(src)
-    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=options.stacked,
-                      config_file=src / "config.json")
+    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=False if options.per_layer_keys else None,
+                      transformer_impl=options.transformer_impl, config_file=src / "config.json")
     options.layout.check(spec, src / "config.json")
     ckpt = HfCheckpoint(src)
     expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
@@ -196,4 +197,5 @@ def _describe(spec: ModelSpec) -> str:
     moe = sum(spec.moe_layers)
     return (f"{spec.family}: {spec.num_layers} layers ({moe} MoE), hidden {spec.hidden}, heads {spec.num_heads}/"
             f"{spec.num_kv_heads} kv, {spec.num_experts} experts, vocab {spec.vocab_size} -> {spec.padded_vocab_size}"
-            f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys")
+            f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys"
+            f" of the {spec.transformer_impl} layer spec")
