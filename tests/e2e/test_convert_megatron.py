@@ -95,27 +95,54 @@ def test_logits_parity_check_and_cli(converted, capsys):
     assert "needs one HF and one Megatron checkpoint" in capsys.readouterr().err
 
 
-def test_stacked_keys_load_into_a_homogeneous_megatron_model(converted, tmp_path):
-    """Megatron stacks the layers of a homogeneous model (moe_layer_freq=1) on a leading axis of each key."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+STOCK = {"mixtral": {}, "qwen3_moe": dict(mlp_only_layers=[]), "glm4_moe": dict(first_k_dense_replace=0),
+         "qwen3_moe_mixed": dict(mlp_only_layers=[2]), "glm4_moe_mixed": {}}
 
+
+def stock_gpt_model(hf_config, moe_layer_freq):
+    """A GPTModel built the way Megatron-LM's pretrain_gpt builds an MoE model: ``get_gpt_decoder_block_spec`` with
+    the local spec and ``--moe-layer-freq`` as users pass it (an integer, or a list for mixed dense/MoE layers)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    from vespo_megatron.convert.parity import megatron_build_args
+    from vespo_megatron.hf_config import padded_vocab, rope_theta
     from vespo_megatron.megatron.model import transformer_config
 
-    src, per_layer = converted["mixtral"]
-    stacked = tmp_path / "stacked"
-    assert cli(["convert", "hf-to-mcore", str(src), str(stacked), "--stacked-layers", "--no-progress"]) == 0
+    twin, overrides = megatron_build_args(hf_config)
+    config = transformer_config(twin, **{**overrides, "moe_layer_freq": moe_layer_freq})
+    return GPTModel(config, get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm"),
+                    vocab_size=padded_vocab(hf_config.vocab_size), max_sequence_length=hf_config.max_position_embeddings,
+                    share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+                    position_embedding_type="rope", rotary_base=rope_theta(hf_config))
+
+
+@pytest.mark.parametrize("family", sorted(STOCK))
+def test_default_output_loads_strictly_into_a_stock_megatron_model(family, tmp_path):
+    """The DEFAULT hf-to-mcore output into a stock GPTModel (integer moe_layer_freq where all layers are MoE, the
+    local spec), strict loading on both levels; every parameter equals the HF tensors it came from."""
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    base = family.removesuffix("_mixed")
+    src = save_tiny(base, tmp_path / "hf", **STOCK[family])
+    mc = tmp_path / "mcore"
+    assert cli(["convert", "hf-to-mcore", str(src), str(mc), "--no-progress"]) == 0
     config = AutoModelForCausalLM.from_pretrained(src).config
-    model = GPTModel(transformer_config(config, moe_layer_freq=1),
-                     get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False, normalization="RMSNorm"),
-                     vocab_size=256, max_sequence_length=512, position_embedding_type="rope")
-    spec = model_spec(config, stacked=True)
-    assert {s.key: tuple(s.global_shape) for s in local_shards(model)} == mapping.global_shapes(spec)
-    ours = {mapping.extra_state_key(r) for r in mapping.rules(spec)} - {None}
-    assert {o.unique_key for o in objects(model.sharded_state_dict())} == ours
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(stacked)), strict=False)
-    reference = build_megatron(config)
-    reference.load_state_dict(dist_checkpointing.load(reference.sharded_state_dict(), str(per_layer)), strict=False)
-    expected = {k: v for k, v in reference.state_dict().items() if not k.endswith("_extra_state")}
-    got = model.state_dict()
-    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    spec = model_spec(config)
+    mixed = len(set(spec.moe_layers)) > 1
+    assert mixed == family.endswith("_mixed") and spec.stacked == (not mixed)
+    model = stock_gpt_model(config, [int(f) for f in spec.moe_layers] if mixed else 1)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(mc), strict=StrictHandling.RAISE_ALL)
+    result = model.load_state_dict(loaded, strict=False)
+    assert not result.unexpected_keys and all(k.endswith("._extra_state") for k in result.missing_keys)
+    hf = tensors(src)
+    by_name = {}
+    for rule in mapping.rules(spec):
+        name = rule.module.format(layer=rule.layer, expert=rule.expert)
+        by_name[name] = mapping.to_mcore(spec, rule, [hf[n] for n in rule.hf])
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
+    assert params.keys() == by_name.keys()
+    for name, value in params.items():
+        assert value.dtype == by_name[name].dtype and torch.equal(value, by_name[name]), name
+    used = {n for rule in mapping.rules(spec) for n in rule.hf}
+    assert used == set(hf)  # every HF tensor went into a parameter
