@@ -55,7 +55,8 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-LAYOUTS = {"default": (), "per-layer": ("--per-layer-keys",)}
+LAYOUTS = {"default": (), "per-layer": ("--per-layer-keys",),
+           "te-per-layer": ("--per-layer-keys", "--transformer-impl", "transformer_engine")}
 HOMOGENEOUS = {"qwen3_moe": dict(mlp_only_layers=[]), "glm4_moe": dict(first_k_dense_replace=0)}
 
 
@@ -80,7 +81,8 @@ def test_round_trip_bitwise(family, layout, tmp_path, capsys):
         report = verify(a, b)
         assert report.ok and report.compared > 0, report.render()
     # the in-memory path gives the same Megatron tensors as the file converter
-    spec = model_spec(AutoModelForCausalLM.from_pretrained(src).config, stacked=False if LAYOUTS[layout] else None)
+    spec = model_spec(AutoModelForCausalLM.from_pretrained(src).config, stacked=False if LAYOUTS[layout] else None,
+                      transformer_impl="transformer_engine" if layout.startswith("te") else "local")
     ckpt = DcpCheckpoint(mc)
     with HfCheckpoint(src).session() as session:
         for key, tensor in hf_to_mcore_tensors(spec, session.get):
