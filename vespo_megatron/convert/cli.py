@@ -62,6 +62,8 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
     h2m.add_argument("--stacked-layers", action="store_true",
                      help="deprecated, no effect: stacked keys are the default for homogeneous models")
     h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding multiple (x tp)")
+    h2m.add_argument("--plan-json", metavar="FILE",
+                     help="with --dry-run: also write the whole plan as JSON (every tensor, per-rank shard bytes)")
     h2m.add_argument("--ignore", metavar="REGEX", help="skip source tensors whose name matches (e.g. MTP layers)")
     _common(h2m)
     h2m.set_defaults(func=_hf_to_mcore)
@@ -100,6 +102,10 @@ def _existing(path: str, metavar: str) -> None:
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
     _existing(args.src, "HF_DIR")
+    if args.plan_json and not args.dry_run:
+        from vespo_megatron.errors import UsageError
+
+        raise UsageError("--plan-json", "only with --dry-run")
     if args.stacked_layers:
         logger.warning("--stacked-layers is deprecated and has no effect: homogeneous models get stacked layer keys "
                        "by default (--per-layer-keys for per-layer keys)")
@@ -114,6 +120,10 @@ def _hf_to_mcore(args: argparse.Namespace) -> int:
         fsync=args.fsync)
     plan = convert_hf_to_mcore(args.src, args.dst, options)
     print(plan.render() if args.dry_run else f"wrote {args.dst} ({len(plan.files)} data files)")
+    if args.plan_json:
+        import json
+
+        Path(args.plan_json).write_text(json.dumps(plan.to_json()))
     return 0
 
 

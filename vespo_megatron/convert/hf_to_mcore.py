@@ -21,9 +21,9 @@ from typing import Iterator, TypeVar
 import torch
 
 from vespo_megatron.convert import dcp_io, mapping, rank_shards
-from vespo_megatron.convert.hf_io import INDEX, HfCheckpoint
+from vespo_megatron.convert.hf_io import INDEX, SINGLE, HfCheckpoint
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
-from vespo_megatron.convert.plan import Plan, PlannedFile, progress
+from vespo_megatron.convert.plan import Plan, PlannedFile, PlannedTensor, progress
 from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
 
 ASSETS_DIR = "hf"
@@ -139,21 +139,34 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=False if options.per_layer_keys else None,
                       transformer_impl=options.transformer_impl, config_file=src / "config.json")
     options.layout.check(spec, src / "config.json")
-    ckpt = HfCheckpoint(src)
+    # a dry run needs only config.json: without weights, sizes come from the config's dtype (nothing is allocated)
+    config_only = options.dry_run and not (src / INDEX).is_file() and not (src / SINGLE).is_file()
+    ckpt = None if config_only else HfCheckpoint(src)
     expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
-    ignored = ckpt.check(expected, options.ignore)
+    ignored = ckpt.check(expected, options.ignore) if ckpt else []
+    config_dtype = getattr(hf_config, "dtype", None) or torch.float32
+    dtype_of = lambda r: target_dtype(ckpt.dtype(r.hf[0]) if ckpt else config_dtype, r, options.dtype)  # noqa: E731
+    nbytes = (lambda r: _nbytes(r, ckpt, options.dtype)) if ckpt else (lambda r: r.numel * dtype_of(r).itemsize)  # noqa: E731
     units = mapping.units(spec)
     names = [f"__0_{k}.distcp" for k in range(len(units))]
-    sizes = [sum(_nbytes(r, ckpt, options.dtype) for r in unit.rules) for unit in units]
-    largest_rule = max(_nbytes(r, ckpt, options.dtype) for r in mapping.rules(spec))
+    sizes = [sum(nbytes(r) for r in unit.rules) for unit in units]
+    largest_rule = max(nbytes(r) for r in mapping.rules(spec))
     files = [PlannedFile(n, (u.name,), len(u.rules), b) for n, u, b in zip(names, units, sizes)]
     # one rule's sources and result at a time (+ one unit of per-rank slices, which are written per unit)
     plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + (max(sizes) if options.per_rank else 0))
+    if options.dry_run:
+        plan.tensors = [PlannedTensor(r.key, r.index, r.shape, str(dtype_of(r)).removeprefix("torch."), nbytes(r), r.hf)
+                        for r in mapping.rules(spec)]
+        plan.layout, plan.ranks = str(options.layout), rank_shards.rank_nbytes(spec, options.layout, dtype_of)
+    if config_only:
+        plan.notes.append(f"planned from {src / 'config.json'} alone (no weights): sizes in the config's dtype "
+                          f"{str(config_dtype).removeprefix('torch.')} unless --dtype")
     if ignored:
         plan.notes.append(f"ignored {len(ignored)} source tensors matching {options.ignore!r}: {', '.join(ignored[:4])}…")
     if options.per_rank:
         plan.notes.append(f"per-rank shards for {options.layout} under {rank_shards.RANKS_DIR}/")
-    fingerprint = {"direction": plan.direction, "source": source_fingerprint([src / f for f in ckpt.files] + _assets(src)),
+    weights = [src / f for f in ckpt.files] if ckpt else []
+    fingerprint = {"direction": plan.direction, "source": source_fingerprint(weights + _assets(src)),
                    "options": repr(dataclasses.replace(options, resume=False, dry_run=False, progress=False))}
     journal = Journal(dst, fingerprint, options.resume)
     if options.dry_run:
