@@ -24,7 +24,7 @@ from vespo_megatron.convert import dcp_io, mapping, rank_shards
 from vespo_megatron.convert.hf_io import INDEX, SINGLE, HfCheckpoint
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
 from vespo_megatron.convert.plan import Plan, PlannedFile, PlannedTensor, progress
-from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
+from vespo_megatron.convert.spec import Layout, ModelSpec, fp8_block, load_hf_config, model_spec
 
 ASSETS_DIR = "hf"
 T = TypeVar("T")
@@ -62,7 +62,7 @@ def raw_chunk(spec: ModelSpec, rule: mapping.Rule, ckpt: HfCheckpoint, dtype: to
     """The Megatron tensor of ``rule`` as byte ranges of the HF files (:func:`mapping.placements`), when its sources
     share one dtype that ``dtype`` keeps; else None."""
     stored = {ckpt.dtype(name) for name in rule.hf}
-    if len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
+    if any(ckpt.quantized(name) for name in rule.hf) or len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
         return None
     itemsize = next(iter(stored)).itemsize
     row = itemsize * math.prod(rule.shape[1:])
@@ -141,7 +141,7 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     options.layout.check(spec, src / "config.json")
     # a dry run needs only config.json: without weights, sizes come from the config's dtype (nothing is allocated)
     config_only = options.dry_run and not (src / INDEX).is_file() and not (src / SINGLE).is_file()
-    ckpt = None if config_only else HfCheckpoint(src)
+    ckpt = None if config_only else HfCheckpoint(src, fp8_block(hf_config, src / "config.json"))
     expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
     ignored = ckpt.check(expected, options.ignore) if ckpt else []
     config_dtype = getattr(hf_config, "dtype", None) or torch.float32
@@ -153,7 +153,13 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     largest_rule = max(nbytes(r) for r in mapping.rules(spec))
     files = [PlannedFile(n, (u.name,), len(u.rules), b) for n, u, b in zip(names, units, sizes)]
     # one rule's sources and result at a time (+ one unit of per-rank slices, which are written per unit)
-    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + (max(sizes) if options.per_rank else 0))
+    # dequantizing an FP8 tensor holds it in float32 twice (values, expanded block scales)
+    quantized = [r.numel for r in mapping.rules(spec) if ckpt and any(ckpt.quantized(n) for n in r.hf)]
+    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + 8 * max(quantized, default=0)
+                + (max(sizes) if options.per_rank else 0))
+    if quantized:
+        plan.notes.append(f"{len(quantized)} tensors from block-scaled FP8 sources, dequantized to "
+                          f"{str(options.dtype or torch.bfloat16).removeprefix('torch.')}")
     if options.dry_run:
         plan.tensors = [PlannedTensor(r.key, r.index, r.shape, str(dtype_of(r)).removeprefix("torch."), nbytes(r), r.hf)
                         for r in mapping.rules(spec)]

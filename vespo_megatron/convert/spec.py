@@ -151,3 +151,16 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None
         stacked=stacked,
         transformer_impl=transformer_impl,
     )
+
+
+def fp8_block(hf, config_file: str | Path = "config.json") -> tuple[int, int]:
+    """The [rows, cols] block of FP8 block scales (``quantization_config.weight_block_size``; 128×128 without one)."""
+    quant = getattr(hf, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant and (quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3"):
+        raise ConversionError(f"quantization_config {quant.get('quant_method')}/{quant.get('fmt')} is not supported "
+                              "(block-scaled fp8 e4m3 only)", file=config_file)
+    block = quant.get("weight_block_size") or (128, 128)
+    if len(block) != 2:
+        raise ConversionError(f"quantization_config.weight_block_size {block} is not [rows, cols]", file=config_file)
+    return int(block[0]), int(block[1])
