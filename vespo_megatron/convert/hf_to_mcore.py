@@ -6,6 +6,8 @@ journaled. A Megatron tensor kept in its sources' dtype is only their rows re-ar
 file by the kernel; any other (a cast, or per-rank shards asked for) is built in memory — the rule being written and
 the next one (re-laid out by a background thread) are all that is held. The HF config and the other
 small files of the source (generation config, tokenizer) are kept under ``DEST/hf/`` for the way back.
+Block-scaled FP8 sources (``weight`` e4m3 + ``weight_scale_inv``) are dequantized to bf16 (or ``dtype``) rule by rule.
+A dry run needs only the source's config.json: every tensor is planned from the config, nothing is read or allocated.
 """
 from __future__ import annotations
 
