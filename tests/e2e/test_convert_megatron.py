@@ -235,8 +235,8 @@ def test_te_key_set_is_what_megatrons_te_spec_declares(family, tmp_path):
     assert not result.unexpected_keys and all(k.endswith("._extra_state") for k in result.missing_keys)
     hf = tensors(src)
     params = {k: v for k, v in model.state_dict().items() if not k.endswith("._extra_state")}
-    expected = {rule.module.format(layer=rule.layer, expert=rule.expert): mapping.to_mcore(spec, rule, [hf[n] for n in rule.hf])
-                for rule in mapping.rules(spec)}
+    expected = {rule.module.format(layer=rule.layer, expert=rule.expert):
+                mapping.to_mcore(spec, rule, [hf[n] for n in rule.hf]) for rule in mapping.rules(spec)}
     assert params.keys() == expected.keys()
     assert all(torch.equal(value, expected[name]) for name, value in params.items())
     assert cli(["convert", "mcore-to-hf", str(mc), str(back), "--no-progress"]) == 0

@@ -155,9 +155,9 @@ class HfCheckpoint:
             raise ConversionError(f"FP8 tensor without its block scales {name + SCALE_SUFFIX}", file=where, tensor=name)
         want = fp8_scale_shape(shape, self.fp8_block)
         if scale.shape != want or scale.dtype not in FLOAT_DTYPES:
-            raise ConversionError(f"block scales {scale.dtype} {list(scale.shape)} do not fit {list(shape)} in blocks of "
-                                  f"{list(self.fp8_block)} (want a float {list(want)})", file=self.dir / scale.file,
-                                  tensor=name + SCALE_SUFFIX)
+            raise ConversionError(f"block scales {scale.dtype} {list(scale.shape)} do not fit {list(shape)} in "
+                                  f"blocks of {list(self.fp8_block)} (want a float {list(want)})",
+                                  file=self.dir / scale.file, tensor=name + SCALE_SUFFIX)
 
     def quantized(self, name: str) -> bool:
         """True for a block-scaled FP8 tensor (read dequantized to bf16)."""

@@ -62,9 +62,9 @@ def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) ->
 
 def raw_chunk(spec: ModelSpec, rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> dcp_io.RawChunk | None:
     """The Megatron tensor of ``rule`` as byte ranges of the HF files (:func:`mapping.placements`), when its sources
-    share one dtype that ``dtype`` keeps; else None."""
+    share one dtype that ``dtype`` keeps and none is FP8 (dequantized); else None."""
     stored = {ckpt.dtype(name) for name in rule.hf}
-    if any(ckpt.quantized(name) for name in rule.hf) or len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
+    if any(map(ckpt.quantized, rule.hf)) or len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
         return None
     itemsize = next(iter(stored)).itemsize
     row = itemsize * math.prod(rule.shape[1:])
@@ -138,8 +138,9 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     """Convert (or with ``dry_run`` only plan) ``src`` -> ``dst``; return the plan."""
     src, dst = Path(src), Path(dst)
     hf_config = load_hf_config(src)
-    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=False if options.per_layer_keys else None,
-                      transformer_impl=options.transformer_impl, config_file=src / "config.json")
+    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by,
+                      stacked=False if options.per_layer_keys else None, transformer_impl=options.transformer_impl,
+                      config_file=src / "config.json")
     options.layout.check(spec, src / "config.json")
     # a dry run needs only config.json: without weights, sizes come from the config's dtype (nothing is allocated)
     config_only = options.dry_run and not (src / INDEX).is_file() and not (src / SINGLE).is_file()
@@ -148,7 +149,10 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     ignored = ckpt.check(expected, options.ignore) if ckpt else []
     config_dtype = getattr(hf_config, "dtype", None) or torch.float32
     dtype_of = lambda r: target_dtype(ckpt.dtype(r.hf[0]) if ckpt else config_dtype, r, options.dtype)  # noqa: E731
-    nbytes = (lambda r: _nbytes(r, ckpt, options.dtype)) if ckpt else (lambda r: r.numel * dtype_of(r).itemsize)  # noqa: E731
+    if ckpt:
+        nbytes = lambda r: _nbytes(r, ckpt, options.dtype)  # noqa: E731
+    else:
+        nbytes = lambda r: r.numel * dtype_of(r).itemsize  # noqa: E731
     units = mapping.units(spec)
     names = [f"__0_{k}.distcp" for k in range(len(units))]
     sizes = [sum(nbytes(r) for r in unit.rules) for unit in units]

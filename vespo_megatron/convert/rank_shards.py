@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vespo_megatron.convert.journal import Journal, atomic_write
-from vespo_megatron.convert.mapping import Rule
+from vespo_megatron.convert.mapping import Rule, rules
 from vespo_megatron.convert.spec import Layout, ModelSpec
 
 RANKS_DIR = "ranks"
@@ -71,8 +71,6 @@ def rank_pieces(spec: ModelSpec, layout: Layout, rule: Rule, tensor: torch.Tenso
 def rank_nbytes(spec: ModelSpec, layout: Layout, dtype_of: Callable[[Rule], torch.dtype]) -> dict[str, int]:
     """Bytes of every rank directory's shards for ``layout`` (see :func:`rank_pieces`), from the shapes alone: the
     slices are taken of tensors on the meta device (``dtype_of(rule)``: the rule's written dtype)."""
-    from vespo_megatron.convert.mapping import rules
-
     out: dict[str, int] = {}
     for rule in rules(spec):
         dtype = dtype_of(rule)
