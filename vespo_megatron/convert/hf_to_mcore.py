@@ -63,8 +63,10 @@ def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) ->
 def raw_chunk(spec: ModelSpec, rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> dcp_io.RawChunk | None:
     """The Megatron tensor of ``rule`` as byte ranges of the HF files (:func:`mapping.placements`), when its sources
     share one dtype that ``dtype`` keeps and none is FP8 (dequantized); else None."""
+    if any(map(ckpt.quantized, rule.hf)):
+        return None
     stored = {ckpt.dtype(name) for name in rule.hf}
-    if any(map(ckpt.quantized, rule.hf)) or len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
+    if len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
         return None
     itemsize = next(iter(stored)).itemsize
     row = itemsize * math.prod(rule.shape[1:])
