@@ -32,6 +32,9 @@ def child(direction: str, src: str, dst: str) -> None:
     from vespo_megatron.convert.mcore_to_hf import McoreToHfOptions, convert_mcore_to_hf
 
     AutoConfig.for_model("qwen3_moe")
+    from vespo_megatron.convert.mapping import norm_keys
+
+    norm_keys("local", True)  # megatron-core's layer spec (the norm keys): imported before the baseline too
     baseline = _proc_status("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # VmHWM := VmRSS, so the peak below is the conversion's

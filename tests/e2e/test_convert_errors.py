@@ -25,7 +25,8 @@ QUIET = dict(progress=False)
 def good(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("good")
     write_synthetic(root / "hf", tiny_config("qwen3_moe", num_hidden_layers=2))
-    convert_hf_to_mcore(root / "hf", root / "mcore", HfToMcoreOptions(**QUIET))
+    # per-layer keys: the errors below name a layer (the default layout of this homogeneous model is stacked)
+    convert_hf_to_mcore(root / "hf", root / "mcore", HfToMcoreOptions(per_layer_keys=True, **QUIET))
     return root / "hf", root / "mcore"
 
 

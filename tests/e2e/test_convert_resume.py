@@ -116,4 +116,5 @@ def test_resume_refuses_other_options(reference, tmp_path):
     from vespo_megatron.convert.errors import ConversionError
 
     with pytest.raises(ConversionError, match="another source or other options"):
-        convert_hf_to_mcore(reference["hf"], dest, HfToMcoreOptions(resume=True, progress=False, stacked=False, ignore="x"))
+        convert_hf_to_mcore(reference["hf"], dest,
+                            HfToMcoreOptions(resume=True, progress=False, per_layer_keys=True, ignore="x"))

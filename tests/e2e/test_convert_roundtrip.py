@@ -55,31 +55,44 @@ def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> No
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_round_trip_bitwise(family, tmp_path, capsys):
-    src = save_tiny(family, tmp_path / "hf")
+LAYOUTS = {"default": (), "per-layer": ("--per-layer-keys",),
+           "te-per-layer": ("--per-layer-keys", "--transformer-impl", "transformer_engine")}
+HOMOGENEOUS = {"qwen3_moe": dict(mlp_only_layers=[]), "glm4_moe": dict(first_k_dense_replace=0)}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("family", sorted(CASES) + [f"{f}_homogeneous" for f in sorted(HOMOGENEOUS)])
+def test_round_trip_bitwise(family, layout, tmp_path, capsys):
+    """Both layouts of every family, with mixed dense/MoE layers (per-layer keys by default) and homogeneous
+    (stacked [L, …] keys by default, as stock Megatron-Core asks for them)."""
+    base = family.removesuffix("_homogeneous")
+    src = save_tiny(base, tmp_path / "hf", **(HOMOGENEOUS[base] if base != family else {}))
     assert len(list(src.glob("*.safetensors"))) > 1
-    mc, back = round_trip(src, tmp_path)
+    mc, back = round_trip(src, tmp_path, *LAYOUTS[layout])
+    stacked = layout == "default" and (base == "mixtral" or base != family)
+    assert ("decoder.layers.mlp.router.weight" in DcpCheckpoint(mc).tensors) == stacked
     assert_bitwise(tensors(src), tensors(back))
     index = json.loads((back / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tensors(src)) and len(set(index["weight_map"].values())) > 1
     assert not (mc / ".vespo-convert").exists() and not (back / ".vespo-convert").exists()
-    assert AutoModelForCausalLM.from_pretrained(back).config.model_type == family
+    assert AutoModelForCausalLM.from_pretrained(back).config.model_type == base
     # built-in verification: HF vs Megatron (through the mapping), HF vs HF, Megatron vs itself
     for a, b in ((src, mc), (mc, src), (src, back), (mc, mc)):
         report = verify(a, b)
         assert report.ok and report.compared > 0, report.render()
     # the in-memory path gives the same Megatron tensors as the file converter
-    spec = model_spec(AutoModelForCausalLM.from_pretrained(src).config)
+    spec = model_spec(AutoModelForCausalLM.from_pretrained(src).config, stacked=False if LAYOUTS[layout] else None,
+                      transformer_impl="transformer_engine" if layout.startswith("te") else "local")
     ckpt = DcpCheckpoint(mc)
     with HfCheckpoint(src).session() as session:
         for key, tensor in hf_to_mcore_tensors(spec, session.get):
             assert torch.equal(ckpt.read(key, (), tuple(tensor.shape)), tensor), key
 
 
-def test_bf16_stacked_and_dtype_options(tmp_path):
+def test_bf16_stacked_and_dtype_options(tmp_path, capsys):
     src = save_tiny("mixtral", tmp_path / "hf", torch.bfloat16)
-    mc, back = round_trip(src, tmp_path, "--stacked-layers")
+    mc, back = round_trip(src, tmp_path, "--stacked-layers")  # deprecated: no effect, a warning
+    assert "--stacked-layers is deprecated" in capsys.readouterr().err
     assert_bitwise(tensors(src), tensors(back))
     assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in DcpCheckpoint(mc).tensors
     f32 = tmp_path / "hf_f32"

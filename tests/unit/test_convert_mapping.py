@@ -56,6 +56,17 @@ def test_megatron_side_of_a_qwen3_layer_by_hand():
     assert mapping.extra_state_key(norm) is None
 
 
+def test_default_layout_is_stock_megatrons():
+    """Homogeneous models: stacked [L, …] keys (integer moe_layer_freq); mixed dense/MoE layers: per-layer keys."""
+    assert model_spec(tiny_config("mixtral")).stacked and model_spec(tiny_config("qwen3_moe")).stacked
+    assert not model_spec(tiny_config("qwen3_moe", mlp_only_layers=[1])).stacked
+    assert not model_spec(tiny_config("glm4_moe")).stacked  # first_k_dense_replace=1
+    assert model_spec(tiny_config("glm4_moe", first_k_dense_replace=0)).stacked
+    per_layer = model_spec(tiny_config("mixtral"), stacked=False)
+    assert "decoder.layers.3.mlp.router.weight" in mapping.global_shapes(per_layer)
+    assert mapping.global_shapes(model_spec(tiny_config("mixtral")))["decoder.layers.mlp.router.weight"] == (4, 8, 64)
+
+
 def test_stacked_keys_and_mixtral_legacy_names():
     spec = model_spec(tiny_config("mixtral"), stacked=True)
     fc2 = mapping.rules_by_key(spec)["decoder.layers.mlp.experts.experts.linear_fc2.weight"]
@@ -85,7 +96,8 @@ def test_in_memory_round_trip_and_tied_lm_head(family):
 
 
 def test_hf_rows_of_qkv_glu_and_vocab_by_hand():
-    spec = model_spec(tiny_config("qwen3_moe", vocab_size=250))  # nh 4, ng 2, d 16: per group [q 32; k 16; v 16] rows
+    # nh 4, ng 2, d 16: per group [q 32; k 16; v 16] rows
+    spec = model_spec(tiny_config("qwen3_moe", vocab_size=250), stacked=False)
     qkv, fc1, emb = (next(r for r in mapping.rules(spec) if r.key.endswith(k)) for k in
                      ("0.self_attention.linear_qkv.weight", "0.mlp.experts.experts.linear_fc1.weight", "word_embeddings.weight"))
     assert [r for _, _, r in mapping.hf_rows(spec, qkv)] == [((0, 32), (64, 96)), ((32, 48), (96, 112)), ((48, 64), (112, 128))]

@@ -48,9 +48,11 @@ def test_megatron_never_imports_convert():
     assert _offenders(lambda m: m.startswith("megatron/"), lambda n: n.startswith("vespo_megatron.convert")) == []
 
 
-def test_convert_imports_megatron_only_to_build_parity_models():
+def test_convert_imports_megatron_only_to_build_parity_models_and_read_layer_keys():
     assert _offenders(lambda m: m.startswith("convert/") and m != "convert/parity.py",
-                      lambda n: n.startswith("vespo_megatron.megatron")) == []
+                      lambda n: n.startswith("vespo_megatron.megatron")
+                      and n != "vespo_megatron.megatron.layer_keys") == []
+    assert "vespo_megatron.megatron.layer_keys" in MODULES["convert/mapping.py"]  # the norm keys of megatron's specs
 
 
 def test_hf_config_is_below_everything():

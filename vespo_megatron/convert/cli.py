@@ -11,10 +11,14 @@ policy (one line, exit 2) is the command line's (:mod:`vespo_megatron.cli`).
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 DTYPES = ("keep", "float32", "bfloat16", "float16")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")  # = spec.TRANSFORMER_IMPLS (not imported: argparse only here)
 
 
 def parse_size(text: str) -> int:
@@ -49,8 +53,17 @@ def _add_actions(parser: argparse.ArgumentParser) -> None:
         h2m.add_argument(f"--{name}", type=int, default=1, help=f"{name.upper()} size to check against / shard for")
     h2m.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     h2m.add_argument("--per-rank", action="store_true", help="also write per-rank shards for the layout (DEST/ranks/)")
-    h2m.add_argument("--stacked-layers", action="store_true", help="stacked [L, ...] layer keys (homogeneous models)")
+    h2m.add_argument("--per-layer-keys", action="store_true",
+                     help="per-layer keys decoder.layers.{i}.* even for homogeneous models (default: the keys stock "
+                          "Megatron-Core asks for: stacked [L, ...] when all layers are alike, else per-layer)")
+    h2m.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="local",
+                     help="the layer spec the checkpoint is loaded with (its norm keys: transformer_engine keeps "
+                          "pre_mlp_layernorm separate on MoE layers)")
+    h2m.add_argument("--stacked-layers", action="store_true",
+                     help="deprecated, no effect: stacked keys are the default for homogeneous models")
     h2m.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocabulary padding multiple (x tp)")
+    h2m.add_argument("--plan-json", metavar="FILE",
+                     help="with --dry-run: also write the whole plan as JSON (every tensor, per-rank shard bytes)")
     h2m.add_argument("--ignore", metavar="REGEX", help="skip source tensors whose name matches (e.g. MTP layers)")
     _common(h2m)
     h2m.set_defaults(func=_hf_to_mcore)
@@ -89,16 +102,28 @@ def _existing(path: str, metavar: str) -> None:
 
 def _hf_to_mcore(args: argparse.Namespace) -> int:
     _existing(args.src, "HF_DIR")
+    if args.plan_json and not args.dry_run:
+        from vespo_megatron.errors import UsageError
+
+        raise UsageError("--plan-json", "only with --dry-run")
+    if args.stacked_layers:
+        logger.warning("--stacked-layers is deprecated and has no effect: homogeneous models get stacked layer keys "
+                       "by default (--per-layer-keys for per-layer keys)")
     from vespo_megatron.convert.hf_to_mcore import HfToMcoreOptions, convert_hf_to_mcore
     from vespo_megatron.convert.spec import Layout
 
     options = HfToMcoreOptions(
         layout=Layout(args.tp, args.pp, args.ep, args.etp), dtype=_dtype(args.dtype),
-        divisible_by=args.make_vocab_size_divisible_by, stacked=args.stacked_layers, ignore=args.ignore,
+        divisible_by=args.make_vocab_size_divisible_by, per_layer_keys=args.per_layer_keys,
+        transformer_impl=args.transformer_impl, ignore=args.ignore,
         per_rank=args.per_rank, resume=args.resume, dry_run=args.dry_run, progress=not args.no_progress,
         fsync=args.fsync)
     plan = convert_hf_to_mcore(args.src, args.dst, options)
     print(plan.render() if args.dry_run else f"wrote {args.dst} ({len(plan.files)} data files)")
+    if args.plan_json:
+        import json
+
+        Path(args.plan_json).write_text(json.dumps(plan.to_json()))
     return 0
 
 

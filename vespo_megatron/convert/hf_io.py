@@ -29,6 +29,21 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 FLOAT_DTYPES = set(SAFETENSORS_DTYPES.values())
+FP8 = {"F8_E4M3": torch.float8_e4m3fn}  # block-scaled FP8 weights, read dequantized
+SCALE_SUFFIX = "_scale_inv"  # ``X.weight_scale_inv`` holds the block scales of the FP8 ``X.weight``
+DEQUANTIZED = torch.bfloat16
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """Shape [ceil(R / b0), ceil(C / b1)] of the block scales of an FP8 weight [R, C]."""
+    return (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """bf16 [R, C] = weight [R, C] (FP8) · scale_inv[r // b0, c // b1], computed in float32."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (weight.float() * scale).to(DEQUANTIZED)
 
 
 @dataclass(frozen=True)
@@ -75,8 +90,9 @@ def _read_header(path: Path, listed: str | None = None) -> dict[str, TensorInfo]
 class HfCheckpoint:
     """The tensors of an HF checkpoint directory (``model.safetensors`` or sharded with ``model.safetensors.index.json``)."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, fp8_block: tuple[int, int] = (128, 128)) -> None:
         self.dir = Path(directory)
+        self.fp8_block = tuple(fp8_block)  # the config's quantization_config.weight_block_size
         if not self.dir.is_dir():
             raise ConversionError("HF checkpoint directory not found", file=self.dir)
         index = self.dir / INDEX
@@ -114,8 +130,9 @@ class HfCheckpoint:
         """Raise on a missing, unexpected, non-float or wrongly shaped tensor; return the ignored names (regex)."""
         pattern = re.compile(ignore) if ignore else None
         ignored = sorted(name for name in self.tensors if name not in expected and pattern and pattern.fullmatch(name))
+        scales = {name + SCALE_SUFFIX: name for name in expected if name in self.tensors and self.quantized(name)}
         for name, info in sorted(self.tensors.items()):
-            if name not in expected and name not in ignored:
+            if name not in expected and name not in ignored and name not in scales:
                 raise ConversionError("unexpected tensor (not part of this model's config)", file=self.dir / info.file, tensor=name)
         for name, shape in expected.items():
             info = self.tensors.get(name)
@@ -124,11 +141,32 @@ class HfCheckpoint:
                 raise ConversionError("missing tensor", file=where, tensor=name)
             if info.shape != shape:
                 raise ConversionError(f"shape {list(info.shape)} does not match the config's {list(shape)}", file=where, tensor=name)
-            if info.dtype not in FLOAT_DTYPES:
+            if info.dtype in FP8:
+                self._check_scale(name, where)
+            elif info.dtype not in FLOAT_DTYPES:
                 raise ConversionError(f"dtype {info.dtype} is not a floating-point type", file=where, tensor=name)
         return ignored
 
+    def _check_scale(self, name: str, where: Path) -> None:
+        scale, shape = self.tensors.get(name + SCALE_SUFFIX), self.tensors[name].shape
+        if len(shape) != 2:
+            raise ConversionError(f"FP8 tensor of {len(shape)} dims (block scales need 2)", file=where, tensor=name)
+        if scale is None:
+            raise ConversionError(f"FP8 tensor without its block scales {name + SCALE_SUFFIX}", file=where, tensor=name)
+        want = fp8_scale_shape(shape, self.fp8_block)
+        if scale.shape != want or scale.dtype not in FLOAT_DTYPES:
+            raise ConversionError(f"block scales {scale.dtype} {list(scale.shape)} do not fit {list(shape)} in "
+                                  f"blocks of {list(self.fp8_block)} (want a float {list(want)})",
+                                  file=self.dir / scale.file, tensor=name + SCALE_SUFFIX)
+
+    def quantized(self, name: str) -> bool:
+        """True for a block-scaled FP8 tensor (read dequantized to bf16)."""
+        return self.tensors[name].dtype in FP8
+
     def dtype(self, name: str) -> torch.dtype:
+        """The dtype the tensor is read in (bf16 for a dequantized FP8 tensor)."""
+        if self.quantized(name):
+            return DEQUANTIZED
         return next(dtype for dtype, tag in SAFETENSORS_DTYPES.items() if tag == self.tensors[name].dtype)
 
     def nbytes(self, name: str) -> int:
@@ -151,6 +189,12 @@ class HfSession:
         self.ckpt, self.stack, self.handles = checkpoint, stack, {}
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` (an FP8 tensor dequantized with its block scales to bf16)."""
+        if self.ckpt.quantized(name):
+            return dequantize_fp8(self._read(name), self._read(name + SCALE_SUFFIX), self.ckpt.fp8_block)
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         info = self.ckpt.tensors[name]
         if info.file not in self.handles:
             self.handles[info.file] = self.stack.enter_context(safe_open(str(self.ckpt.dir / info.file), framework="pt"))

@@ -6,6 +6,8 @@ journaled. A Megatron tensor kept in its sources' dtype is only their rows re-ar
 file by the kernel; any other (a cast, or per-rank shards asked for) is built in memory — the rule being written and
 the next one (re-laid out by a background thread) are all that is held. The HF config and the other
 small files of the source (generation config, tokenizer) are kept under ``DEST/hf/`` for the way back.
+Block-scaled FP8 sources (``weight`` e4m3 + ``weight_scale_inv``) are dequantized to bf16 (or ``dtype``) rule by rule.
+A dry run needs only the source's config.json: every tensor is planned from the config, nothing is read or allocated.
 """
 from __future__ import annotations
 
@@ -21,10 +23,10 @@ from typing import Iterator, TypeVar
 import torch
 
 from vespo_megatron.convert import dcp_io, mapping, rank_shards
-from vespo_megatron.convert.hf_io import INDEX, HfCheckpoint
+from vespo_megatron.convert.hf_io import INDEX, SINGLE, HfCheckpoint
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
-from vespo_megatron.convert.plan import Plan, PlannedFile, progress
-from vespo_megatron.convert.spec import Layout, ModelSpec, load_hf_config, model_spec
+from vespo_megatron.convert.plan import Plan, PlannedFile, PlannedTensor, progress
+from vespo_megatron.convert.spec import Layout, ModelSpec, fp8_block, load_hf_config, model_spec
 
 ASSETS_DIR = "hf"
 T = TypeVar("T")
@@ -35,7 +37,8 @@ class HfToMcoreOptions:
     layout: Layout = Layout()
     dtype: torch.dtype | None = None  # None keeps each tensor's dtype
     divisible_by: int = 128  # vocabulary padding multiple (times tp)
-    stacked: bool = False  # stacked [L, …] layer keys instead of per-layer keys
+    per_layer_keys: bool = False  # per-layer keys even where stock Megatron-Core stacks the layers [L, …]
+    transformer_impl: str = "local"  # layer spec whose keys are written: local | transformer_engine
     ignore: str | None = None  # regex of source tensors to skip (e.g. MTP layers)
     per_rank: bool = False  # also write per-rank shards for ``layout``
     resume: bool = False
@@ -59,7 +62,9 @@ def cast(tensor: torch.Tensor, rule: mapping.Rule, dtype: torch.dtype | None) ->
 
 def raw_chunk(spec: ModelSpec, rule: mapping.Rule, ckpt: HfCheckpoint, dtype: torch.dtype | None) -> dcp_io.RawChunk | None:
     """The Megatron tensor of ``rule`` as byte ranges of the HF files (:func:`mapping.placements`), when its sources
-    share one dtype that ``dtype`` keeps; else None."""
+    share one dtype that ``dtype`` keeps and none is FP8 (dequantized); else None."""
+    if any(map(ckpt.quantized, rule.hf)):
+        return None
     stored = {ckpt.dtype(name) for name in rule.hf}
     if len(stored) != 1 or target_dtype(next(iter(stored)), rule, dtype) not in stored:
         return None
@@ -135,24 +140,47 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     """Convert (or with ``dry_run`` only plan) ``src`` -> ``dst``; return the plan."""
     src, dst = Path(src), Path(dst)
     hf_config = load_hf_config(src)
-    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by, stacked=options.stacked,
+    spec = model_spec(hf_config, tp=options.layout.tp, divisible_by=options.divisible_by,
+                      stacked=False if options.per_layer_keys else None, transformer_impl=options.transformer_impl,
                       config_file=src / "config.json")
     options.layout.check(spec, src / "config.json")
-    ckpt = HfCheckpoint(src)
+    # a dry run needs only config.json: without weights, sizes come from the config's dtype (nothing is allocated)
+    config_only = options.dry_run and not (src / INDEX).is_file() and not (src / SINGLE).is_file()
+    ckpt = None if config_only else HfCheckpoint(src, fp8_block(hf_config, src / "config.json"))
     expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
-    ignored = ckpt.check(expected, options.ignore)
+    ignored = ckpt.check(expected, options.ignore) if ckpt else []
+    config_dtype = getattr(hf_config, "dtype", None) or torch.float32
+    dtype_of = lambda r: target_dtype(ckpt.dtype(r.hf[0]) if ckpt else config_dtype, r, options.dtype)  # noqa: E731
+    if ckpt:
+        nbytes = lambda r: _nbytes(r, ckpt, options.dtype)  # noqa: E731
+    else:
+        nbytes = lambda r: r.numel * dtype_of(r).itemsize  # noqa: E731
     units = mapping.units(spec)
     names = [f"__0_{k}.distcp" for k in range(len(units))]
-    sizes = [sum(_nbytes(r, ckpt, options.dtype) for r in unit.rules) for unit in units]
-    largest_rule = max(_nbytes(r, ckpt, options.dtype) for r in mapping.rules(spec))
+    sizes = [sum(nbytes(r) for r in unit.rules) for unit in units]
+    largest_rule = max(nbytes(r) for r in mapping.rules(spec))
     files = [PlannedFile(n, (u.name,), len(u.rules), b) for n, u, b in zip(names, units, sizes)]
     # one rule's sources and result at a time (+ one unit of per-rank slices, which are written per unit)
-    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + (max(sizes) if options.per_rank else 0))
+    # dequantizing an FP8 tensor holds it in float32 twice (values, expanded block scales)
+    quantized = [r.numel for r in mapping.rules(spec) if ckpt and any(ckpt.quantized(n) for n in r.hf)]
+    plan = Plan("hf-to-mcore", src, dst, _describe(spec), files, 2 * largest_rule + 8 * max(quantized, default=0)
+                + (max(sizes) if options.per_rank else 0))
+    if quantized:
+        plan.notes.append(f"{len(quantized)} tensors from block-scaled FP8 sources, dequantized to "
+                          f"{str(options.dtype or torch.bfloat16).removeprefix('torch.')}")
+    if options.dry_run:
+        plan.tensors = [PlannedTensor(r.key, r.index, r.shape, str(dtype_of(r)).removeprefix("torch."), nbytes(r), r.hf)
+                        for r in mapping.rules(spec)]
+        plan.layout, plan.ranks = str(options.layout), rank_shards.rank_nbytes(spec, options.layout, dtype_of)
+    if config_only:
+        plan.notes.append(f"planned from {src / 'config.json'} alone (no weights): sizes in the config's dtype "
+                          f"{str(config_dtype).removeprefix('torch.')} unless --dtype")
     if ignored:
         plan.notes.append(f"ignored {len(ignored)} source tensors matching {options.ignore!r}: {', '.join(ignored[:4])}…")
     if options.per_rank:
         plan.notes.append(f"per-rank shards for {options.layout} under {rank_shards.RANKS_DIR}/")
-    fingerprint = {"direction": plan.direction, "source": source_fingerprint([src / f for f in ckpt.files] + _assets(src)),
+    weights = [src / f for f in ckpt.files] if ckpt else []
+    fingerprint = {"direction": plan.direction, "source": source_fingerprint(weights + _assets(src)),
                    "options": repr(dataclasses.replace(options, resume=False, dry_run=False, progress=False))}
     journal = Journal(dst, fingerprint, options.resume)
     if options.dry_run:
@@ -196,4 +224,5 @@ def _describe(spec: ModelSpec) -> str:
     moe = sum(spec.moe_layers)
     return (f"{spec.family}: {spec.num_layers} layers ({moe} MoE), hidden {spec.hidden}, heads {spec.num_heads}/"
             f"{spec.num_kv_heads} kv, {spec.num_experts} experts, vocab {spec.vocab_size} -> {spec.padded_vocab_size}"
-            f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys")
+            f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys"
+            f" of the {spec.transformer_impl} layer spec")

@@ -3,11 +3,13 @@ logits-parity check.
 
 A :class:`Rule` ties one Megatron tensor — a dist-checkpoint ``key`` at position ``index`` on the key's leading axes
 (layer when keys are stacked, expert for routed experts) — to the HF checkpoint tensors it is made of. Megatron keys
-are those of ``model.sharded_state_dict()`` for the local layer spec with sequential experts (also valid for grouped
-experts, whose dist-checkpoint keys are the same): per-layer keys ``decoder.layers.{i}.…`` (mixed dense/MoE layers,
-vespo's ``build_model``) or stacked keys ``decoder.layers.…`` with a leading [L] axis. The local spec stores
-``input_layernorm`` as ``self_attention.linear_qkv.layer_norm_weight`` and ``pre_mlp_layernorm`` as
-``mlp.linear_fc1.layer_norm_weight``. Routed experts: key ``….mlp.experts.experts.linear_fc1.weight`` with an [E]
+are those of ``model.sharded_state_dict()`` for the local or the Transformer Engine layer spec with sequential experts
+(also valid for grouped experts, whose dist-checkpoint keys are the same): stacked keys ``decoder.layers.…`` with a
+leading [L] axis (homogeneous layers, integer ``moe_layer_freq`` as stock Megatron-Core builds them) or per-layer keys
+``decoder.layers.{i}.…`` (mixed dense/MoE layers, or on request). The two norms' keys come from megatron-core's layer
+spec (:func:`norm_keys`): local spec ``self_attention.linear_qkv.layer_norm_weight`` and
+``mlp.linear_fc1.layer_norm_weight``; Transformer Engine spec the same, except ``pre_mlp_layernorm.weight`` on MoE
+layers. Routed experts: key ``….mlp.experts.experts.linear_fc1.weight`` with an [E]
 axis indexed by the *global* expert id (rank ep holds ids ep·E/EP … (ep+1)·E/EP − 1).
 
 Shapes: H hidden, nh heads, ng kv groups, d head size, F / Fe / Fs dense / expert / shared intermediate, E experts,
@@ -152,6 +154,15 @@ def _moe(b: _Builder, unit: str, i: int, p: str) -> None:
         _glu_mlp(b, unit, i, f"{moe}shared_experts.", "mlp.shared_experts.", s.shared_ffn, names)
 
 
+@lru_cache(maxsize=None)
+def norm_keys(impl: str, moe: bool) -> dict[str, tuple[str, str]]:
+    """The (state-dict name, dist-checkpoint key) of a layer's input and pre-MLP norm weights under the ``impl``
+    layer spec, read from megatron-core's own spec (:func:`vespo_megatron.megatron.layer_keys.norm_keys`)."""
+    from vespo_megatron.megatron.layer_keys import norm_keys as from_megatron_spec
+
+    return from_megatron_spec(impl, bool(moe))
+
+
 @lru_cache(maxsize=8)
 def units(spec: ModelSpec) -> tuple[Unit, ...]:
     """The conversion units of ``spec`` in order: embedding, layer 0 … layer L-1, head (final norm + output layer)."""
@@ -160,11 +171,12 @@ def units(spec: ModelSpec) -> tuple[Unit, ...]:
     b.add("embedding", None, "embedding.word_embeddings.weight", [(EMBEDDING, (V, H))], (Vp, H), "vocab", "vocab")
     for i in range(spec.num_layers):
         unit, p = f"layer {i}", f"model.layers.{i}."
-        b.add(unit, i, "self_attention.linear_qkv.layer_norm_weight", [(f"{p}input_layernorm.weight", (H,))], (H,),
-              module="input_layernorm.weight")
+        norms = norm_keys(spec.transformer_impl, spec.moe_layers[i])
+        name, key = norms["input_layernorm"]
+        b.add(unit, i, key, [(f"{p}input_layernorm.weight", (H,))], (H,), module=name)
         _attention(b, unit, i, p)
-        b.add(unit, i, "mlp.linear_fc1.layer_norm_weight", [(f"{p}post_attention_layernorm.weight", (H,))], (H,),
-              module="pre_mlp_layernorm.weight")
+        name, key = norms["pre_mlp_layernorm"]
+        b.add(unit, i, key, [(f"{p}post_attention_layernorm.weight", (H,))], (H,), module=name)
         if spec.moe_layers[i]:
             _moe(b, unit, i, p)
         else:

@@ -1,12 +1,13 @@
 """Megatron-Core torch_dist checkpoint -> HF checkpoint directory (sharded safetensors + index json + config.json).
 
 The HF config comes from ``SRC/hf/`` (kept there by hf-to-mcore) or ``hf_config``. Layer keys may be per-layer or
-stacked (detected). Each output shard holds part of one unit (never more than ``max_shard_bytes`` unless a single
-tensor is larger), is built from its Megatron regions only, and is written atomically and journaled. Every HF tensor
-is a set of rows of one Megatron region (:func:`mapping.hf_rows`), so a region stored raw in one chunk and kept in
-its dtype is copied file to file by the kernel, byte range by byte range; any other region is read, cast and split.
-Vocabulary padding is stripped; dtypes are kept unless ``dtype`` is given. Checkpoint keys outside the model
-(``optimizer.…`` and other non-model state of a training checkpoint) are skipped.
+stacked, of the local or the Transformer Engine layer spec (both detected). Each output shard holds part of one unit
+(never more than ``max_shard_bytes`` unless a single tensor is larger), is built from its Megatron regions only, and
+is written atomically and journaled. Every HF tensor is a set of rows of one Megatron region (:func:`mapping.hf_rows`),
+so a region stored raw in one chunk and kept in its dtype is copied file to file by the kernel, byte range by byte
+range; any other region is read, cast and split. Vocabulary padding is stripped; dtypes are kept unless ``dtype`` is
+given. Checkpoint keys outside the model (``optimizer.…`` and other non-model state of a training checkpoint) are
+skipped.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ class McoreToHfOptions:
 
 
 def checkpoint_spec(ckpt: DcpCheckpoint, hf_config) -> tuple[ModelSpec, list[str]]:
-    """The spec of ``ckpt`` (stacked or per-layer keys, its padded vocabulary) checked key by key; the skipped keys."""
+    """The spec of ``ckpt`` (stacked or per-layer keys, local or TE norm keys, its padded vocabulary) checked key by
+    key; the skipped keys."""
     where = ckpt.dir / ".metadata"
     stacked = not any(key.startswith("decoder.layers.0.") for key in ckpt.tensors)
-    spec = model_spec(hf_config, stacked=stacked, config_file=where)
+    te = any(key.endswith(".pre_mlp_layernorm.weight") for key in ckpt.tensors)  # only TE-spec MoE layers have it
+    spec = model_spec(hf_config, stacked=stacked, transformer_impl="transformer_engine" if te else "local",
+                      config_file=where)
     emb = ckpt.tensors.get("embedding.word_embeddings.weight")
     if emb is None:
         raise ConversionError("missing tensor", file=where, tensor="embedding.word_embeddings.weight")

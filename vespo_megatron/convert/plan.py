@@ -7,6 +7,7 @@ region being read and split.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,18 @@ class PlannedFile:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One Megatron tensor of a dry run: its key, position on the key's leading axes, shape, dtype and HF sources."""
+
+    key: str
+    index: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    hf: tuple[str, ...]
+
+
 @dataclass
 class Plan:
     direction: str
@@ -30,6 +43,9 @@ class Plan:
     files: list[PlannedFile]
     peak_bytes: int
     notes: list[str] = field(default_factory=list)
+    tensors: list[PlannedTensor] = field(default_factory=list)  # every tensor (dry runs of hf-to-mcore)
+    layout: str = ""  # the parallel layout of ``ranks``
+    ranks: dict[str, int] = field(default_factory=dict)  # per-rank shard directory -> bytes at ``layout``
 
     @property
     def total_bytes(self) -> int:
@@ -44,9 +60,24 @@ class Plan:
         for f in self.files:
             units = f.units[0] if len(f.units) == 1 else f"{f.units[0]} … {f.units[-1]}"
             lines.append(f"  {f.name:<36} {units:<24} {f.tensors:>7} tensors {human(f.nbytes):>10}")
+        if self.tensors:
+            lines.append(f"tensors: {len(self.tensors)} Megatron tensors from "
+                         f"{sum(len(t.hf) for t in self.tensors)} HF tensors (every one: --plan-json)")
+        if self.ranks:
+            big = max(self.ranks, key=self.ranks.__getitem__)
+            lines.append(f"per-rank shards at {self.layout}: {len(self.ranks)} directories, largest {big} "
+                         f"{human(self.ranks[big])}, smallest {human(min(self.ranks.values()))}")
         lines.append(f"peak memory estimate: {human(self.peak_bytes)}")
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+    def to_json(self) -> dict:
+        """The whole plan as JSON-ready data (every tensor named, per-rank shard bytes)."""
+        return {"direction": self.direction, "source": str(self.source), "dest": str(self.dest), "model": self.model,
+                "total_bytes": self.total_bytes, "peak_bytes": self.peak_bytes, "notes": self.notes,
+                "files": [dataclasses.asdict(f) for f in self.files],
+                "tensors": [dataclasses.asdict(t) for t in self.tensors], "layout": self.layout, "ranks": self.ranks}
 
 
 def human(n: float) -> str:

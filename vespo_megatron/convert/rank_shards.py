@@ -14,13 +14,13 @@ local layer i mod (L/PP); a tied output layer on the last stage (PP > 1) is a co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from vespo_megatron.convert.journal import Journal, atomic_write
-from vespo_megatron.convert.mapping import Rule
+from vespo_megatron.convert.mapping import Rule, rules
 from vespo_megatron.convert.spec import Layout, ModelSpec
 
 RANKS_DIR = "ranks"
@@ -66,6 +66,17 @@ def rank_pieces(spec: ModelSpec, layout: Layout, rule: Rule, tensor: torch.Tenso
             name = name.format(layer=layer)
             for t in range(layout.tp):
                 yield f"pp{stage}/tp{t}", name, local_slice(tensor, rule.split, t, layout.tp)
+
+
+def rank_nbytes(spec: ModelSpec, layout: Layout, dtype_of: Callable[[Rule], torch.dtype]) -> dict[str, int]:
+    """Bytes of every rank directory's shards for ``layout`` (see :func:`rank_pieces`), from the shapes alone: the
+    slices are taken of tensors on the meta device (``dtype_of(rule)``: the rule's written dtype)."""
+    out: dict[str, int] = {}
+    for rule in rules(spec):
+        dtype = dtype_of(rule)
+        for directory, _, local in rank_pieces(spec, layout, rule, torch.empty(rule.shape, dtype=dtype, device="meta")):
+            out[directory] = out.get(directory, 0) + local.numel() * dtype.itemsize
+    return dict(sorted(out.items()))
 
 
 class RankShardWriter:

@@ -22,6 +22,7 @@ from vespo_megatron import hf_config
 from vespo_megatron.convert.errors import ConversionError
 
 FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
 _MLA_REASON = (
     "multi-latent attention (MLA) is not supported: Megatron-Core 0.16.1 cannot build MLA with the local (CPU) spec; "
     "the DeepSeek-V3-style MoE is converted with GQA attention (model_type glm4_moe)"
@@ -50,6 +51,7 @@ class ModelSpec:
     qkv_bias: bool
     expert_bias: bool  # sigmoid router with e_score_correction_bias
     stacked: bool  # dist-checkpoint keys with a leading layer axis (homogeneous layers) instead of per-layer keys
+    transformer_impl: str = "local"  # the layer spec whose keys are written: local | transformer_engine
 
     @property
     def heads_per_group(self) -> int:
@@ -109,13 +111,25 @@ def _check_family(model_type: str | None, file: str | Path) -> None:
         raise ConversionError(err.reason, file=err.file) from err
 
 
-def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = False, config_file: str | Path = "config.json") -> ModelSpec:
-    """The :class:`ModelSpec` of a transformers config (vocabulary padded for ``tp``)."""
+def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None = None,
+               transformer_impl: str = "local", config_file: str | Path = "config.json") -> ModelSpec:
+    """The :class:`ModelSpec` of a transformers config (vocabulary padded for ``tp``).
+
+    ``stacked``: None (default) gives the keys a stock Megatron-Core GPTModel asks for (integer ``moe_layer_freq``):
+    stacked [L, …] layer keys when every layer is alike (all MoE or all dense), per-layer keys when dense and MoE
+    layers are mixed; True / False force stacked / per-layer keys. ``transformer_impl`` (Megatron-LM's
+    ``--transformer-impl``): local | transformer_engine, the layer spec whose norm keys are written.
+    """
     family = hf.model_type
     _check_family(family, config_file)
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ConversionError(f"--transformer-impl {transformer_impl!r}: choose one of {', '.join(TRANSFORMER_IMPLS)}",
+                              file=config_file)
     pattern = hf_config.moe_layers(hf)
-    if stacked and len(set(pattern)) > 1:
+    homogeneous = len(set(pattern)) == 1
+    if stacked and not homogeneous:
         raise ConversionError("stacked layer keys need homogeneous layers, but dense and MoE layers are mixed", file=config_file)
+    stacked = homogeneous if stacked is None else stacked
     return ModelSpec(
         family=family,
         num_layers=hf.num_hidden_layers,
@@ -135,4 +149,18 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = Fals
         qkv_bias=bool(getattr(hf, "attention_bias", False)),
         expert_bias=hf_config.expert_bias(hf),
         stacked=stacked,
+        transformer_impl=transformer_impl,
     )
+
+
+def fp8_block(hf, config_file: str | Path = "config.json") -> tuple[int, int]:
+    """The [rows, cols] block of FP8 block scales (``quantization_config.weight_block_size``; 128×128 without one)."""
+    quant = getattr(hf, "quantization_config", None) or {}
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant and (quant.get("quant_method") != "fp8" or quant.get("fmt", "e4m3") != "e4m3"):
+        raise ConversionError(f"quantization_config {quant.get('quant_method')}/{quant.get('fmt')} is not supported "
+                              "(block-scaled fp8 e4m3 only)", file=config_file)
+    block = quant.get("weight_block_size") or (128, 128)
+    if len(block) != 2:
+        raise ConversionError(f"quantization_config.weight_block_size {block} is not [rows, cols]", file=config_file)
+    return int(block[0]), int(block[1])

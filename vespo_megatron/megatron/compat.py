@@ -334,3 +334,28 @@ def install() -> list[str]:
         shim.apply()
         _installed.append(shim.name)
     return list(_installed)
+
+
+# ------------------------------------------------------------------ the TE layer spec read without Transformer Engine
+# get_gpt_layer_with_transformer_engine_spec builds its spec from ``backend = TESpecProvider()``, a name that only
+# exists when Transformer Engine imports. To read that spec's structure and key maps without TE (layer_keys), the name
+# is bound to a stand-in provider for the duration of one call. Fingerprint: tests/unit/test_layer_keys.py.
+TE_SPEC_TARGETS = ("megatron.core.models.gpt.gpt_layer_specs:get_gpt_layer_with_transformer_engine_spec",)
+TE_SPEC_FINGERPRINT = "58e023a69771b58a"  # sha256[:16] of TE_SPEC_TARGETS on megatron-core 0.16.1
+TE_SPEC_VERSIONS = ">=0.16,<0.17"
+
+
+@contextlib.contextmanager
+def te_spec_provider(provider: type):
+    """Within the block, ``get_gpt_layer_with_transformer_engine_spec`` uses ``provider`` as its TE backend (only
+    when Transformer Engine is absent; with TE the real provider stays)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if gpt_layer_specs.HAVE_TE:
+        yield
+        return
+    gpt_layer_specs.TESpecProvider = provider
+    try:
+        yield
+    finally:
+        del gpt_layer_specs.TESpecProvider

@@ -59,7 +59,9 @@ def transformer_config(
         num_moe_experts=hf_config.num_experts(hf),
         moe_router_topk=hf.num_experts_per_tok,
         moe_ffn_hidden_size=_get(hf, "moe_intermediate_size", "intermediate_size"),
-        moe_layer_freq=pattern,
+        # an integer when all layers are alike, as Megatron-LM passes it: the dist-checkpoint keys are then stacked
+        # [L, …] as in stock Megatron checkpoints (a list makes Megatron use per-layer keys)
+        moe_layer_freq=1 if len(set(pattern)) == 1 else pattern,
         moe_aux_loss_coeff=0.0,
         moe_router_load_balancing_type="none",
         moe_token_dispatcher_type=dispatcher,
@@ -166,10 +168,13 @@ def _te_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
 def decoder_block_spec(config: TransformerConfig, use_te: bool = False) -> ModuleSpec:
     """Per-layer specs (dense or MoE by ``moe_layer_freq``) of this pipeline stage's layers."""
     make = _te_layer_spec if use_te else _local_layer_spec
-    specs = {moe: make(config, bool(moe)) for moe in set(config.moe_layer_freq)}
+    freq = config.moe_layer_freq
+    pattern = freq if isinstance(freq, list) else [int(bool(config.num_moe_experts) and i % freq == 0)
+                                                   for i in range(config.num_layers)]
+    specs = {moe: make(config, bool(moe)) for moe in set(pattern)}
     offset = get_transformer_layer_offset(config)
     count = get_num_layers_to_build(config)
-    layers = [specs[flag] for flag in config.moe_layer_freq[offset : offset + count]]
+    layers = [specs[flag] for flag in pattern[offset : offset + count]]
     if use_te:
         from megatron.core.extensions.transformer_engine import TENorm as norm
     else:
