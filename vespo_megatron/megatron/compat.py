@@ -341,8 +341,10 @@ def install() -> list[str]:
 # exists when Transformer Engine imports. To read that spec's structure and key maps without TE (layer_keys), the name
 # is bound to a stand-in provider for the duration of one call. Fingerprint: tests/unit/test_layer_keys.py.
 TE_SPEC_TARGETS = ("megatron.core.models.gpt.gpt_layer_specs:get_gpt_layer_with_transformer_engine_spec",)
-TE_SPEC_FINGERPRINT = "58e023a69771b58a"  # sha256[:16] of TE_SPEC_TARGETS on megatron-core 0.16.1
-TE_SPEC_VERSIONS = ">=0.16,<0.17"
+TE_SPEC_FINGERPRINTS = {  # release line -> sha256[:16] of TE_SPEC_TARGETS (0.17 binds TESpecProvider = None without TE)
+    "==0.16.*": "58e023a69771b58a",
+    ">=0.17,<0.20": "697ef4e53733eab8",
+}
 
 
 @contextlib.contextmanager
@@ -354,8 +356,13 @@ def te_spec_provider(provider: type):
     if gpt_layer_specs.HAVE_TE:
         yield
         return
+    absent = object()
+    previous = getattr(gpt_layer_specs, "TESpecProvider", absent)  # 0.16: unbound; 0.17+: None
     gpt_layer_specs.TESpecProvider = provider
     try:
         yield
     finally:
-        del gpt_layer_specs.TESpecProvider
+        if previous is absent:
+            del gpt_layer_specs.TESpecProvider
+        else:
+            gpt_layer_specs.TESpecProvider = previous

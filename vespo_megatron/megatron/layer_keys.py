@@ -18,7 +18,7 @@ placeholders; nothing is instantiated): only the spec's structure and key maps a
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Optional
 
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -66,14 +66,18 @@ class StandInTEProvider(BackendSpecProvider):
     def column_parallel_layer_norm_linear(self) -> Optional[type]:
         return self._norm_linear
 
-    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
-        return self._norm
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False) -> type:
+        return self._norm  # has_residual: megatron-core 0.19
 
     def core_attention(self) -> type:
         return self._attention
 
-    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: bool):
-        return SequentialMLP, MLPSubmodules(linear_fc1=self._column, linear_fc2=self._row)
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool, moe_use_legacy_grouped_gemm: Optional[bool] = None):
+        """0.16 asks with two flags for (module, submodules); 0.17+ with one flag for an experts builder."""
+        submodules = MLPSubmodules(linear_fc1=self._column, linear_fc2=self._row)
+        if moe_use_legacy_grouped_gemm is not None:
+            return SequentialMLP, submodules
+        return partial(SequentialMLP, submodules=submodules)
 
     def activation_func(self) -> type:
         return None
@@ -94,6 +98,14 @@ def layer_spec(impl: str, moe: bool) -> tuple[ModuleSpec, BackendSpecProvider]:
         return specs.get_gpt_layer_with_transformer_engine_spec(**kwargs), StandInTEProvider()
 
 
+def _submodules(spec) -> object:
+    """The submodules of a layer-spec entry: a ModuleSpec's, or (megatron-core 0.19 MLP/MoE specs) the ``submodules``
+    keyword of a ``functools.partial``."""
+    if isinstance(spec, ModuleSpec):
+        return spec.submodules
+    return getattr(spec, "keywords", {}).get("submodules")
+
+
 @lru_cache(maxsize=None)
 def norm_keys(impl: str, moe: bool) -> dict[str, tuple[str, str]]:
     """{"input_layernorm": (name, key), "pre_mlp_layernorm": (name, key)} of a dense (``moe`` False) or MoE layer of
@@ -101,7 +113,7 @@ def norm_keys(impl: str, moe: bool) -> dict[str, tuple[str, str]]:
     spec, backend = layer_spec(impl, moe)
     sub = spec.submodules
     linears = {"input_layernorm": sub.self_attention.submodules.linear_qkv,
-               "pre_mlp_layernorm": getattr(sub.mlp.submodules, "linear_fc1", None)}
+               "pre_mlp_layernorm": getattr(_submodules(sub.mlp), "linear_fc1", None)}
     objects = {}
     for norm, linear in NORMS.items():
         if getattr(sub, norm) is IdentityOp:
