@@ -12,14 +12,16 @@ Context parallelism (the packer's zig-zag, Megatron's layout): padded sequence i
 2·cp) is cut into 2·cp chunks of c_i = P_i / 2cp tokens; CP rank r holds chunks r and 2cp−1−r, so its local slot j
 of sequence i sits at global position g(j) = r·c_i + j for j < c_i, else (2cp−1−r)·c_i + (j − c_i). Keys and values
 of every rank are all-gathered over the CP group ([cp·t, ng, hn], K and V in one collective), put back in global
-order, and the local queries attend to the keys at positions ≤ g(j). The gather's backward is a reduce-scatter: each
+order, and the local queries attend to the keys at positions ≤ g(j) (each local chunk to the keys up to its own end
+only). The gather's backward is a reduce-scatter: each
 rank receives the sum over all ranks' queries of dK/dV for the slots it holds.
 
 Why all-gather rather than a ring of p2p exchanges: the ring overlaps transfers with compute on GPUs, where
 Transformer Engine's CP attention (p2p / a2a / all_gather) is used anyway; on the CPU path the all-gather is one
 collective per layer (two with the backward) instead of 2·(cp−1), it reuses Megatron's autograd-aware
-``gather_from_sequence_parallel_region`` (forward all-gather, backward reduce-scatter), and its result does not
-depend on a summation order across ranks, which keeps parity with the 1-rank run at fp64 round-off. Its cost is
+``gather_from_sequence_parallel_region`` (forward all-gather, backward reduce-scatter), and each query's softmax is
+computed in one piece as on 1 rank (a ring merges per-block partial softmaxes), which keeps parity with the 1-rank
+run at fp64 round-off. Its cost is
 memory: each rank holds the K/V of whole sequences, [cp·t, ng, 2·hn], usually small next to the queries under GQA.
 """
 from __future__ import annotations
@@ -59,16 +61,6 @@ class TorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
-
-
-def zigzag_positions(length: int, cp: int, cp_rank: int) -> torch.Tensor:
-    """[length] int64: global position (inside its padded sequence) of each of CP rank ``cp_rank``'s ``length``
-    local slots of one sequence (chunks r and 2cp−1−r of c = length/2 tokens each)."""
-    if length % 2:
-        raise ValueError(f"a context-parallel segment holds an even number of local slots, got {length}")
-    c = length // 2
-    j = torch.arange(length)
-    return torch.where(j < c, cp_rank * c + j, (2 * cp - 1 - cp_rank) * c + (j - c))
 
 
 def zigzag_gather_index(bounds: list[int], cp: int) -> torch.Tensor:
@@ -170,14 +162,25 @@ class PackedDotProductAttention(DotProductAttention):
         return both[..., :width], both[..., width:]
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local: int) -> torch.Tensor:
-        """[b, np, s_q, hn] x [b, ng, s_k, hn] -> [b, np, s_q, hn]; query j sees keys at global positions ≤ g(j).
+        """[b, np, s_q, hn] x [b, ng, s_k, hn] -> [b, np, s_q, hn]; query j sees the keys at global positions ≤ g(j).
 
-        cp = 1: s_q = s_k and plain causal attention; cp > 1: s_k = cp·s_q and g from :func:`zigzag_positions`.
+        cp = 1: s_q = s_k, plain causal attention. cp > 1: s_k = cp·s_q; each of the two local chunks (global
+        positions [a, a + c)) attends to keys [0, a + c) only, with the causal mask on that range (bottom-right
+        aligned), so a rank computes (2cp + 1)·c² scores instead of 2c·cp·2c.
         """
         gqa = q.shape[1] != k.shape[1]
         if self.cp == 1:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=gqa)
-        rank = self.cp_group.rank()
-        positions = zigzag_positions(local, self.cp, rank).to(q.device)
-        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= positions[:, None]  # [s_q, s_k]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=gqa)
+        if local % 2:
+            raise ValueError(f"a context-parallel segment holds an even number of local slots, got {local}")
+        c, rank = local // 2, self.cp_group.rank()
+        out = []
+        for half, chunk in enumerate((rank, 2 * self.cp - 1 - rank)):
+            start, end = chunk * c, (chunk + 1) * c
+            positions = torch.arange(start, end, device=q.device)
+            mask = torch.arange(end, device=q.device)[None, :] <= positions[:, None]  # [c, end]
+            out.append(F.scaled_dot_product_attention(
+                q[:, :, half * c : (half + 1) * c], k[:, :, :end], v[:, :, :end],
+                attn_mask=mask, scale=self.softmax_scale, enable_gqa=gqa,
+            ))
+        return torch.cat(out, dim=2)
