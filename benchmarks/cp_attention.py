@@ -35,7 +35,8 @@ def rank_run(rank: int, args: dict, cp: int) -> dict:
     from megatron.core.transformer.enums import AttnMaskType
 
     from vespo_megatron.megatron.layers import PackedDotProductAttention
-    from vespo_megatron.megatron.model import tiny_hf_config, transformer_config
+    from vespo_megatron.hf_config import tiny_hf_config
+    from vespo_megatron.megatron.model import transformer_config
     from vespo_megatron.megatron.parallel import init_parallel
 
     init_parallel(cp=cp)

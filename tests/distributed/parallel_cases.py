@@ -10,7 +10,8 @@ from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
 from vespo_megatron.megatron.loss import LossSettings
-from vespo_megatron.megatron.model import build_model, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import export_global, load_global
@@ -37,10 +38,10 @@ def make_samples(n: int, seed: int = 0, vocab: int = 256,
     return out
 
 
-def initial_weights(family: str, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Tensor]:
-    """Global weights of a 1-rank build (call inside a 1-rank world)."""
+def initial_weights(hf, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Global weights of a 1-rank build of ``hf`` (a config or a tiny family name; call inside a 1-rank world)."""
     torch.manual_seed(seed)
-    model = build_model(tiny_hf_config(family), dtype=dtype)
+    model = build_model(tiny_hf_config(hf) if isinstance(hf, str) else hf, dtype=dtype)
     weights = export_global(model)
     for key, value in weights.items():  # the DSV3-style expert bias is zero at init: give it a routing effect
         if key.endswith("expert_bias"):
@@ -50,19 +51,19 @@ def initial_weights(family: str, dtype: torch.dtype, seed: int = 7) -> dict[str,
 
 def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int,
                   cp: int = 1, cp_rank: int = 0) -> list[MicroBatch]:
-    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; packed for (cp, sp), this rank's
-    CP slots; global normalisers attached (``extra``: sample ids and the PackedBatch)."""
+    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; packed for (cp, sp), the slots of
+    CP rank ``cp_rank``; global normalisers attached; ``extra``: the micro-batch's ``sample_ids``, its ``packed``
+    batch and the ``cp_rank``."""
     groups = [list(range(len(samples)))[i::n_micro] for i in range(n_micro)]
     tokens = float(sum(len(s.response) for s in samples))
     out = []
     for gi, ids in enumerate(groups):
         if gi % dp != dp_rank:
             continue
-        batch = pack([samples[i] for i in ids], cp=cp, sp=sp, sample_ids=ids)
-        mb = micro_batch(batch, cp_rank, sp_rank)
+        packed = pack([samples[i] for i in ids], cp=cp, sp=sp, sample_ids=ids)
+        mb = micro_batch(packed, cp_rank, sp_rank)
         mb.global_tokens, mb.global_seqs = tokens, float(len(samples))
-        mb.extra["sample_ids"] = ids
-        mb.extra["batch"] = batch
+        mb.extra.update(sample_ids=ids, packed=packed, cp_rank=cp_rank)
         out.append(mb)
     return out
 
@@ -73,14 +74,14 @@ def per_sample_logp(mbs: list[MicroBatch], logps: list[torch.Tensor]) -> dict[in
     group = parallel_state.get_context_parallel_group()
     out = {}
     for mb, lp in zip(mbs, logps):
-        batch = mb.extra["batch"]
+        packed = mb.extra["packed"]
         every = [lp]
-        if batch.cp > 1:
-            every = [torch.empty_like(lp) for _ in range(batch.cp)]
+        if packed.cp > 1:
+            every = [torch.empty_like(lp) for _ in range(packed.cp)]
             dist.all_gather(every, lp.contiguous(), group=group)
-        per_seq = unpack(batch, torch.stack(every).numpy())
+        per_seq = unpack(packed, torch.stack(every).numpy())
         for local, sid in enumerate(mb.extra["sample_ids"]):
-            start, end = int(batch.prompt_lens[local]) - 1, int(batch.seq_lens[local]) - 1
+            start, end = int(packed.prompt_lens[local]) - 1, int(packed.seq_lens[local]) - 1
             out[sid] = torch.from_numpy(per_seq[local][start:end].copy())
     return out
 

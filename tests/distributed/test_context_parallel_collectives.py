@@ -19,7 +19,8 @@ from megatron.core.tensor_parallel import mappings
 
 from tests.distributed.parallel_cases import initial_weights, make_samples, micro_batches
 from vespo_megatron.megatron.loss import LossSettings
-from vespo_megatron.megatron.model import build_model, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel, spawn
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import load_global
