@@ -71,3 +71,34 @@ def test_four_rank_layouts_match_one_rank(setup, layout):
     weights, samples, reference = setup
     results = spawn(run_layout, 4, layout, FAMILY, DTYPE, weights, samples, N_MICROS)
     _check(results, reference, len(samples))
+
+
+def _bad_segments(rank: int) -> list[str]:
+    """The CP attention's errors for packed segments that are not multiples of 2·cp (2 ranks, cp = 2)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from vespo_megatron.hf_config import tiny_hf_config
+    from vespo_megatron.megatron.layers import PackedDotProductAttention
+    from vespo_megatron.megatron.model import transformer_config
+
+    init_parallel(cp=2)
+    attention = PackedDotProductAttention(transformer_config(tiny_hf_config(FAMILY)), 1, AttnMaskType.causal, "self")
+    q, kv = torch.zeros(4, 4, 16), torch.zeros(4, 2, 16)
+    errors = []
+    for cu in ([0, 6, 8], [0, 4]):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
+                                 cu_seqlens_kv_padded=cu, max_seqlen_q=8, max_seqlen_kv=8)
+        try:
+            attention(q, kv, kv, None, packed_seq_params=params)
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
+
+
+def test_segments_not_multiple_of_two_cp_fail_clearly():
+    for errors in spawn(_bad_segments, 2):
+        assert len(errors) == 2
+        assert "cu_seqlens_q_padded [0, 6, 8] must be multiples of 2·cp = 4" in errors[0]
+        assert "tail pad must be a segment" in errors[1]
