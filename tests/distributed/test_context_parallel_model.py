@@ -73,8 +73,11 @@ def test_four_rank_layouts_match_one_rank(setup, layout):
     _check(results, reference, len(samples))
 
 
-def _bad_segments(rank: int) -> list[str]:
-    """The CP attention's errors for packed segments that are not multiples of 2·cp (2 ranks, cp = 2)."""
+def _attention_checks(rank: int) -> dict:
+    """2 ranks, cp = 2, the attention module alone: (a) sbhd input (Megatron's unpacked CP layout) against plain
+    causal attention of the whole sequence, outputs and input gradients of this rank's zig-zag rows (fp64);
+    (b) the errors for packed segments that are not multiples of 2·cp."""
+    import torch.nn.functional as F
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
 
@@ -84,6 +87,20 @@ def _bad_segments(rank: int) -> list[str]:
 
     init_parallel(cp=2)
     attention = PackedDotProductAttention(transformer_config(tiny_hf_config(FAMILY)), 1, AttnMaskType.causal, "self")
+    gen = torch.Generator().manual_seed(0)
+    s, b, c = 12, 2, 3  # whole sequence of 12 = 4 chunks of 3; rank r holds chunks r and 3 − r
+    full = [torch.randn(s, b, n, 16, generator=gen, dtype=torch.float64, requires_grad=True) for n in (4, 2, 2)]
+    weight = torch.randn(s, b, 64, generator=gen, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in full), is_causal=True,
+                                         scale=attention.softmax_scale, enable_gqa=True)
+    ref = ref.permute(2, 0, 1, 3).reshape(s, b, -1)
+    (ref * weight).sum().backward()
+    rows = torch.cat([torch.arange(rank * c, (rank + 1) * c), torch.arange((3 - rank) * c, (4 - rank) * c)])
+    local = [x.detach()[rows].clone().requires_grad_() for x in full]
+    out = attention(*local, None)
+    (out * weight[rows]).sum().backward()
+    errs = {"out": (out - ref.detach()[rows]).abs().max().item()}
+    errs.update({f"grad{i}": (x.grad - f.grad[rows]).abs().max().item() for i, (x, f) in enumerate(zip(local, full))})
     q, kv = torch.zeros(4, 4, 16), torch.zeros(4, 2, 16)
     errors = []
     for cu in ([0, 6, 8], [0, 4]):
@@ -94,11 +111,23 @@ def _bad_segments(rank: int) -> list[str]:
             attention(q, kv, kv, None, packed_seq_params=params)
         except ValueError as err:
             errors.append(str(err))
-    return errors
+    return {"errs": errs, "errors": errors}
 
 
-def test_segments_not_multiple_of_two_cp_fail_clearly():
-    for errors in spawn(_bad_segments, 2):
+@pytest.fixture(scope="module")
+def attention_checks():
+    return spawn(_attention_checks, 2)
+
+
+def test_unpacked_cp_attention_matches_whole_sequence(attention_checks):
+    for result in attention_checks:
+        assert set(result["errs"]) == {"out", "grad0", "grad1", "grad2"}
+        assert all(err <= 1e-12 for err in result["errs"].values()), result["errs"]
+
+
+def test_segments_not_multiple_of_two_cp_fail_clearly(attention_checks):
+    for result in attention_checks:
+        errors = result["errors"]
         assert len(errors) == 2
         assert "cu_seqlens_q_padded [0, 6, 8] must be multiples of 2·cp = 4" in errors[0]
         assert "tail pad must be a segment" in errors[1]
