@@ -11,7 +11,6 @@ MINI_BATCH_PROMPTS=256                                # one optimizer step per 2
 ROLLOUT_BATCH=$((N * MINI_BATCH_PROMPTS))             # prompts per rollout step: N mini-batches of 256
 TP=${TP:-2}                                           # must equal convert.sh's TP (vocabulary padding)
 EP=${EP:-8}
-CP=${CP:-1}                                           # context parallel: 2 or more for responses beyond ~16k tokens
 # r3: replay the experts SGLang chose (needs --enable-return-routed-experts on the server).
 # r2: replay the experts the trainer chose in its own π_old forward (no capture needed on the server).
 REPLAY=${REPLAY:-r3}
@@ -31,7 +30,6 @@ TRAIN_ARGS=(
   --weight-sync disk
   --tensor-model-parallel-size "$TP"
   --expert-model-parallel-size "$EP"
-  --context-parallel-size "$CP"
   --pipeline-model-parallel-size 1
   --loss vespo
   # the official (c1, c2) by advantage sign: A >= 0 -> (2, 3), A < 0 -> (3, 2) (also the defaults)
