@@ -14,6 +14,9 @@ trace entry (counted as fallen back) and every slot without a trace row (pads, t
 not counted). Routing those live keeps the routing of a model replaying its own trace identical to its live routing
 everywhere, so its log-probs are bit-identical (a filler routing of pads would change the experts' GEMM batches).
 
+R2 records with :class:`~vespo_megatron.routing.capture.RouterCapture` (forward hooks on the same routers) during the
+old-log-prob pass: the expert set of every micro-batch, by trace column, as compact ids on the router's device.
+
 Micro-batches: a forward pre-hook on each model chunk advances that chunk's micro-batch cursor (any PP schedule runs
 a chunk's forwards in micro-batch order). Activation recomputation re-runs routers inside backward: in a forward
 that tracks gradients, a router call with grad disabled (a checkpointed region) queues its target, and a call inside
