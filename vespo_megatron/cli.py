@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class UserInputError(Exception):
+class UserInputError(ValueError):
     """argparse's own complaint about the command line, as (flag, what)."""
 
     def __init__(self, prog: str, flag: str, what: str) -> None:
@@ -57,6 +57,9 @@ def _flag_and_what(message: str) -> tuple[str, str]:
     argument = re.match(r"argument ([^:]+): (.*)", message, re.S)
     if argument:
         return argument.group(1).split("/")[0], argument.group(2)
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        return unknown.group(1), "unrecognized argument"
     return "arguments", message
 
 

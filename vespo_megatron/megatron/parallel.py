@@ -84,6 +84,13 @@ def ranks() -> Ranks:
     )
 
 
+def loss_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Megatron's tensor-parallel group (the vocabulary shards of the logits) and context-parallel group."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("Megatron's model-parallel groups are not initialised (initialize_model_parallel)")
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_context_parallel_group()
+
+
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

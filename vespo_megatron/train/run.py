@@ -78,6 +78,9 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
         hf = load_hf_config(cfg.hf_checkpoint)
     except HFConfigError as err:
         raise UsageError("--hf-checkpoint", str(err)) from err
+    from vespo_megatron.train.inputs import build_inputs
+
+    build_inputs(cfg, hf.vocab_size)  # files, rows, tokenizer and reward: reported before any rank starts
     if cfg.load:
         from vespo_megatron.train import checkpoint
 

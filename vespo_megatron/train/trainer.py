@@ -1,4 +1,4 @@
-"""The RL loop on every rank: rollouts -> rewards -> GRPO advantages -> packer -> old log-probs -> N updates -> sync.
+"""The RL loop on every rank: rollouts -> rewards -> advantages -> packer -> old log-probs -> N updates -> sync -> eval.
 
 Rank 0 talks to the rollout engine (an SGLang server, or our CPU engine behind the same protocol) and broadcasts
 each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) for the context-parallel
@@ -33,7 +33,7 @@ from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
 from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import iter_global, load_global
-from vespo_megatron.objectives.advantages import grpo_advantages
+from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
 from vespo_megatron.packing import pack, plan_micro_batches
 from vespo_megatron.routing.replay import RoutingReplay
@@ -41,8 +41,11 @@ from vespo_megatron.routing.shard import batch_shard
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
-from vespo_megatron.train.task import EOS, RepeatTask
+
+
+EVAL_SEED_OFFSET = 7_919  # evaluation samples with seeds apart from the training rollouts
 
 
 @dataclass
@@ -92,11 +95,13 @@ class Trainer:
         pattern = moe_layer_pattern(self.hf)
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
         self.iteration, self.version = 0, 0
+        self.data_state: Optional[dict] = None
         if cfg.load:
             meta = checkpoint.load(cfg.load, self.model, self.optimizer, self.hf)
             self.iteration, self.version = meta["iteration"], meta["version"]
+            self.data_state = meta.get("data")
         self.rank = dist.get_rank()
-        self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
+        self.inputs: Optional[RunInputs] = None
         self.client = self.source = None
         self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
         if self.rank == 0:
@@ -106,11 +111,15 @@ class Trainer:
             self.client.wait_until_healthy(timeout_s=120)
         self.sync_weights()  # the engine starts from the (possibly resumed) training weights
         if self.rank == 0:
-            sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                        "stop_token_ids": [EOS]}
-            produce = make_producer(self.client, self.task, rollout_batch_size=cfg.rollout_batch_size,
-                                    n=cfg.n_samples_per_prompt, sampling=sampling, seed=cfg.seed,
-                                    routing=cfg.routing_replay == "r3")
+            self.inputs = inputs = build_inputs(cfg, self.hf.vocab_size)
+            if self.data_state is not None:  # continue with the next unseen prompt
+                inputs.prompts.load_state_dict(self.data_state)
+            produce = make_producer(self.client, inputs.prompts, inputs.reward,
+                                    rollout_batch_size=cfg.rollout_batch_size, n=cfg.n_samples_per_prompt,
+                                    sampling=inputs.sampling_params(), seed=cfg.seed,
+                                    routing=cfg.routing_replay == "r3", tokenizer=inputs.tokenizer,
+                                    reward_errors=cfg.reward_errors, dynamic_sampling=cfg.dynamic_sampling,
+                                    max_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1)
             self.source = (AsyncRollouts(produce, self.iteration, cfg.max_lag, lambda: self.version)
                            if cfg.async_rollout else SyncRollouts(produce))
 
@@ -151,7 +160,9 @@ class Trainer:
     def step(self) -> StepResult:
         cfg, it = self.cfg, self.iteration
         batch = self._broadcast(self.source.get(it, self.version) if self.rank == 0 else None)
-        advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
+        lengths = torch.tensor([len(r.response_ids) for r in batch.records], dtype=torch.float64)
+        advantages = compute_advantages(cfg.advantage_estimator, torch.tensor(batch.rewards), batch.group_ids,
+                                        lengths).numpy()
         minis = self._mini_batches(batch, advantages)
         flat = [mb for mbs in minis for mb in mbs]
         if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
@@ -175,8 +186,21 @@ class Trainer:
             offset += len(mbs)
         self.version += 1
         self.iteration += 1
+        self.data_state = batch.data_state
         self.sync_weights()
-        return StepResult(it, self._reduce_metrics(batch, metrics, grad_norms))
+        out = self._reduce_metrics(batch, metrics, grad_norms)
+        if self.rank == 0 and cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.inputs.eval_sets:
+            out.update(self.evaluate())
+        return StepResult(it, out)
+
+    def evaluate(self) -> dict[str, float]:
+        """Every eval set against the engine, which holds the weights of the current version (rank 0)."""
+        from vespo_megatron.evaluation import evaluate
+
+        cfg, inputs = self.cfg, self.inputs
+        return evaluate(self.client, inputs.eval_sets, inputs.reward, inputs.sampling_params(greedy=cfg.eval_greedy),
+                        cfg.n_samples_per_eval_prompt, tokenizer=inputs.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET,
+                        reward_errors=cfg.reward_errors, tag=str(self.iteration))
 
     def _phase(self, name: str, mbs: list[MicroBatch], offset: int = 0):
         if self.replay is None:
@@ -206,6 +230,7 @@ class Trainer:
             "grad_norm": float(np.mean(grad_norms)),
             "lr": self._lr(),
             "policy_lag": float(self.version - 1 - batch.version),
+            **batch.metrics,
         }
         for key in (rows[0] if rows else {}):
             if key in ("loss", "entropy_sum", "response_tokens"):
@@ -241,7 +266,8 @@ class Trainer:
         verify_weights(self.client, version=version)
 
     def save(self) -> None:
-        checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf)
+        checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf,
+                        data_state=self.data_state)
 
     def close(self) -> None:
         if self.source is not None:
