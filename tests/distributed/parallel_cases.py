@@ -1,8 +1,11 @@
 """Rank functions for the parallel-exactness tests (module level, so ``spawn`` can import them)."""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
@@ -12,16 +15,20 @@ from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import export_global, load_global
-from vespo_megatron.packing.reference import pack
+from vespo_megatron.packing.reference import pack, unpack
 from vespo_megatron.packing.sample import Sample
 
 
-def make_samples(n: int, seed: int = 0, vocab: int = 256) -> list[Sample]:
-    """n samples with prompts of 2-6 and responses of 1-9 tokens, rollout log-probs and ±advantages."""
+def make_samples(n: int, seed: int = 0, vocab: int = 256,
+                 lengths: Optional[Sequence[tuple[int, int]]] = None) -> list[Sample]:
+    """n samples with prompts of 2-6 and responses of 1-9 tokens (or the (prompt, response) ``lengths``), rollout
+    log-probs and ±advantages."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         p, r = int(rng.integers(2, 7)), int(rng.integers(1, 10))
+        if lengths is not None:
+            p, r = lengths[i]
         out.append(Sample(
             prompt=rng.integers(0, vocab, p).astype(np.int64),
             response=rng.integers(0, vocab, r).astype(np.int64),
@@ -42,37 +49,48 @@ def initial_weights(hf, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Te
     return weights
 
 
-def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int) -> list[MicroBatch]:
-    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; global normalisers attached;
-    ``extra``: the micro-batch's ``sample_ids`` and its ``packed`` batch."""
+def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int,
+                  cp: int = 1, cp_rank: int = 0) -> list[MicroBatch]:
+    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; packed for (cp, sp), the slots of
+    CP rank ``cp_rank``; global normalisers attached; ``extra``: the micro-batch's ``sample_ids``, its ``packed``
+    batch and the ``cp_rank``."""
     groups = [list(range(len(samples)))[i::n_micro] for i in range(n_micro)]
     tokens = float(sum(len(s.response) for s in samples))
     out = []
     for gi, ids in enumerate(groups):
         if gi % dp != dp_rank:
             continue
-        packed = pack([samples[i] for i in ids], cp=1, sp=sp, sample_ids=ids)
-        mb = micro_batch(packed, 0, sp_rank)
+        packed = pack([samples[i] for i in ids], cp=cp, sp=sp, sample_ids=ids)
+        mb = micro_batch(packed, cp_rank, sp_rank)
         mb.global_tokens, mb.global_seqs = tokens, float(len(samples))
-        mb.extra.update(sample_ids=ids, packed=packed)
+        mb.extra.update(sample_ids=ids, packed=packed, cp_rank=cp_rank)
         out.append(mb)
     return out
 
 
 def per_sample_logp(mbs: list[MicroBatch], logps: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-    """sample id -> log-probs of its response tokens (label slots with loss mask 1)."""
+    """sample id -> log-probs of its response tokens: each micro-batch's slots [t] gathered over the CP group into
+    [cp, t] and unsharded by the packer's inverse (slot p holds the log-prob of token p + 1 of its sequence)."""
+    group = parallel_state.get_context_parallel_group()
     out = {}
     for mb, lp in zip(mbs, logps):
+        packed = mb.extra["packed"]
+        every = [lp]
+        if packed.cp > 1:
+            every = [torch.empty_like(lp) for _ in range(packed.cp)]
+            dist.all_gather(every, lp.contiguous(), group=group)
+        per_seq = unpack(packed, torch.stack(every).numpy())
         for local, sid in enumerate(mb.extra["sample_ids"]):
-            sel = (mb.seq_ids == local) & (mb.loss_mask > 0)
-            out[sid] = lp[sel].clone()
+            start, end = int(packed.prompt_lens[local]) - 1, int(packed.seq_lens[local]) - 1
+            out[sid] = torch.from_numpy(per_seq[local][start:end].copy())
     return out
 
 
 def run_layout(rank: int, layout: dict, family: str, dtype: torch.dtype, weights: dict, samples: list[Sample],
                n_micros: tuple[int, ...], loss: str = "vespo") -> list[dict]:
     """Build the model under ``layout``, load ``weights``, run the old-log-prob pass and one forward-backward per
-    micro-batch count; returns per count: loss share, per-sample log-probs, global grads (rank 0)."""
+    micro-batch count; returns per count: loss share (each CP rank reports its share), per-sample log-probs (whole
+    sequences, unsharded over CP), global grads (rank 0)."""
     init_parallel(**layout)
     model = build_model(tiny_hf_config(family), dtype=dtype)
     load_global(model, weights)
@@ -80,11 +98,12 @@ def run_layout(rank: int, layout: dict, family: str, dtype: torch.dtype, weights
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sp = parallel_state.get_tensor_model_parallel_world_size()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
     last = parallel_state.is_pipeline_last_stage()
     results = []
     for n_micro in n_micros:
         zero_grads(ddp)
-        mbs = micro_batches(samples, n_micro, sp, tp_rank, dp, dp_rank)
+        mbs = micro_batches(samples, n_micro, sp, tp_rank, dp, dp_rank, cp, cp_rank)
         olds = old_log_probs(ddp, mbs)
         if last:
             mbs = [mb.with_old_log_prob(o) for mb, o in zip(mbs, olds)]

@@ -1,8 +1,8 @@
 """Routing replay in Megatron-Core routers, checked against a 1-rank capture.
 
 Model A routes a batch live on 1 rank; its experts (per sample, token, MoE layer) and log-probs are captured by
-forward hooks on the routers (independent of the replay code). Then, under 1 rank, TP2+SP, EP2, PP2 and TP2·EP2,
-with 2 and 4 micro-batches:
+forward hooks on the routers (independent of the replay code). Then, under 1 rank, TP2+SP, EP2, PP2, TP2·EP2 and
+CP2 (each rank holds the zig-zag chunks of every sequence and its CP slice of the trace), with 2 and 4 micro-batches:
   (a) A replaying its own trace (SGLang format, decoded) gives log-probs bit-identical to A's live run there;
   (b) B = A with perturbed router weights (live routing differs on a measured fraction of (token, layer) pairs)
       replaying A's trace routes every token of every MoE layer to exactly A's experts.
@@ -39,7 +39,8 @@ from vespo_megatron.routing.trace import SampleRouting, TracePart, TraceSpec, de
 
 FAMILIES = {"qwen3_moe": {"mlp_only_layers": [1]}, "mixtral": {}, "deepseek_v3": {}}  # dense layer 1 / 0 / none
 PARALLEL_FAMILIES = ["qwen3_moe", "deepseek_v3"]  # softmax top-k and sigmoid + expert bias; mixtral on 1 rank
-LAYOUTS = {"tp2_sp": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2), "tp2_ep2": dict(tp=2, ep=2, etp=1)}
+LAYOUTS = {"tp2_sp": dict(tp=2), "ep2": dict(ep=2), "pp2": dict(pp=2), "tp2_ep2": dict(tp=2, ep=2, etp=1),
+           "cp2": dict(cp=2)}
 N_SAMPLES, N_MICROS, DTYPE = 8, (2, 4), torch.float64
 
 
@@ -63,17 +64,19 @@ def initial_weights(hf, seed: int = 7) -> tuple[dict, dict]:
 
 
 def split(samples: list, n_micro: int, sp_rank: int) -> list:
-    """This rank's micro-batches (``parallel_cases.micro_batches``: round-robin, every dp-th to DP rank d)."""
+    """This rank's micro-batches (``parallel_cases.micro_batches``: round-robin, every dp-th to DP rank d; this CP
+    rank's slots)."""
     sp = parallel_state.get_tensor_model_parallel_world_size()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    return parallel_cases.micro_batches(samples, n_micro, sp, sp_rank, dp, dp_rank)
+    cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    return parallel_cases.micro_batches(samples, n_micro, sp, sp_rank, dp, dp_rank, cp, cp_rank)
 
 
 def slot_experts(experts: list[np.ndarray], piece, sp_rank: int, column: int) -> tuple[np.ndarray, np.ndarray]:
     """A's experts [T, k] at this rank's router rows for trace column ``column``, and the [T] real-token mask."""
-    b = piece.extra["packed"]
+    b, r = piece.extra["packed"], piece.extra["cp_rank"]
     t = b.tokens.shape[1] // b.sp
-    seq, pos = b.seq_index[0, sp_rank * t:(sp_rank + 1) * t], b.position_ids[0, sp_rank * t:(sp_rank + 1) * t]
+    seq, pos = b.seq_index[r, sp_rank * t:(sp_rank + 1) * t], b.position_ids[r, sp_rank * t:(sp_rank + 1) * t]
     real = seq >= 0
     out = np.zeros((t, experts[0].shape[2]), np.int64)
     out[real] = [experts[piece.extra["sample_ids"][s]][p, column] for s, p in zip(seq[real], pos[real])]
@@ -90,10 +93,10 @@ def compare(calls: dict, experts: list, pieces: list, replay: RoutingReplay, sp_
             column = replay.spec.moe_layers.index(layer_number - 1)
             want, real = slot_experts(experts, piece, sp_rank, column)
             if skip_last:  # SGLang traces have no row for a sample's last token: it is routed live
-                b = piece.extra["packed"]
+                b, r = piece.extra["packed"], piece.extra["cp_rank"]
                 t = b.tokens.shape[1] // b.sp
-                seq = b.seq_index[0, sp_rank * t:(sp_rank + 1) * t]
-                pos = b.position_ids[0, sp_rank * t:(sp_rank + 1) * t]
+                seq = b.seq_index[r, sp_rank * t:(sp_rank + 1) * t]
+                pos = b.position_ids[r, sp_rank * t:(sp_rank + 1) * t]
                 real &= pos != b.seq_lens[np.maximum(seq, 0)] - 1
             got = calls[layer_number][i].numpy()
             bad += int((got[real] != want[real]).any(axis=1).sum())
@@ -130,7 +133,8 @@ def check_layout(layout: dict, family: str, weights: tuple, samples: list, exper
     for n_micro in n_micros:
         pieces = split(samples, n_micro, sp_rank)
         mbs = pieces
-        shards = {name: [batch_shard(trace, p.extra["packed"], 0, sp_rank, replay.layer_columns) for p in pieces]
+        shards = {name: [batch_shard(trace, p.extra["packed"], p.extra["cp_rank"], sp_rank, replay.layer_columns)
+                         for p in pieces]
                   for name, trace in (("sglang", sglang), ("full", full))}
         load_global(model, weights[0])
         live = old_log_probs(model, mbs)

@@ -2,8 +2,8 @@
 
 ``transformer_config(hf_config)`` maps the HF fields onto one ``TransformerConfig``; ``build_model`` builds the
 GPTModel of the current pipeline stage under the current ``parallel_state``. The local spec (CPU) uses
-:mod:`vespo_megatron.megatron.layers`; ``use_te=True`` selects Transformer Engine's spec (GPU, needed for context
-parallelism and fused kernels). 
+:mod:`vespo_megatron.megatron.layers` (its attention runs context parallelism without Transformer Engine);
+``use_te=True`` selects Transformer Engine's spec (GPU: fused kernels, TE's own context-parallel attention).
 Routers: Qwen3-MoE/Mixtral softmax top-k renormalised over the k chosen (``moe_router_pre_softmax=False``; with
 ``norm_topk_prob=False`` softmax over all experts then top-k, ``pre_softmax=True``); DeepSeek-V3 style sigmoid scores
 + expert bias for the choice, unbiased sigmoid weights normalised and scaled, group-limited top-k, shared experts,
@@ -196,8 +196,6 @@ def build_model(
     config = transformer_config(
         hf, dtype=dtype, routing_replay=routing_replay, recompute=recompute, dispatcher=dispatcher, **config_overrides
     )
-    if config.context_parallel_size > 1 and not use_te:
-        raise ValueError("context parallelism needs Transformer Engine attention (use_te=True on a GPU machine)")
     model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, use_te),

@@ -25,6 +25,8 @@ HELP: dict[str, str] = {
     "tensor_model_parallel_size": "tensor-parallel size (sequence parallel is on when > 1)",
     "pipeline_model_parallel_size": "pipeline-parallel size",
     "expert_model_parallel_size": "expert-parallel size",
+    "context_parallel_size": "context-parallel size: each sequence is padded to a multiple of 2·cp and its zig-zag "
+                             "chunks spread over the CP ranks",
     "loss": "policy loss",
     "loss_agg_mode": "loss aggregation",
     "honour_agg_mode": "gspo/sapo use --loss-agg-mode instead of the official seq-mean-token-mean",
@@ -91,6 +93,7 @@ class TrainConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     loss: str = "vespo"
     loss_agg_mode: str = "token-mean"
     honour_agg_mode: bool = False
@@ -166,7 +169,7 @@ class TrainConfig:
             raise UsageError("--routing-replay", f"unknown mode {self.routing_replay!r}; known: {', '.join(REPLAY)}")
         for name in ("rollout_batch_size", "n_samples_per_prompt", "num_mini_batches", "micro_batch_size",
                      "max_new_tokens", "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size"):
+                     "expert_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
                 raise UsageError(_flag(name), f"must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % self.num_mini_batches:

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def default_world_size(cfg: TrainConfig) -> int:
-    """The smallest world for the layout: pp · lcm(tp, ep) (expert tensor parallel 1)."""
-    return cfg.pipeline_model_parallel_size * math.lcm(cfg.tensor_model_parallel_size, cfg.expert_model_parallel_size)
+    """The smallest world for the layout: pp · lcm(tp·cp, ep) (expert tensor parallel 1)."""
+    dense = cfg.tensor_model_parallel_size * cfg.context_parallel_size
+    return cfg.pipeline_model_parallel_size * math.lcm(dense, cfg.expert_model_parallel_size)
 
 
 def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None, quiet: bool = False) -> list:
@@ -69,7 +70,7 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
         check.mcore_checkpoint(mcore_checkpoint, "--mcore-checkpoint")
     world = world_size or default_world_size(cfg)
     if world % default_world_size(cfg):
-        raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp, ep) = {default_world_size(cfg)}")
+        raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp·cp, ep) = {default_world_size(cfg)}")
     if cfg.sglang_url is not None:
         check.reachable(cfg.sglang_url)
     cfg.validate()

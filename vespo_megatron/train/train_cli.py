@@ -17,7 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--mcore-checkpoint", default=None,
                         metavar="DIR", help="initial weights from a Megatron torch_dist checkpoint (vespo-megatron convert "
                              "hf-to-mcore); default: the HF checkpoint's weights")
-    parser.add_argument("--nproc", type=int, default=None, help="local gloo ranks; default: pp·lcm(tp, ep)")
+    parser.add_argument("--nproc", type=int, default=None, help="local gloo ranks; default: pp·lcm(tp·cp, ep)")
     parser.set_defaults(func=run)
 
 

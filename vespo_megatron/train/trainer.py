@@ -1,8 +1,9 @@
 """The RL loop on every rank: rollouts -> rewards -> advantages -> packer -> old log-probs -> N updates -> sync -> eval.
 
 Rank 0 talks to the rollout engine (an SGLang server, or our CPU engine behind the same protocol) and broadcasts
-each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) into label-aligned
-micro-batches of its TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
+each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) for the context-parallel
+size (every sequence padded to a multiple of 2·cp) and takes the label-aligned micro-batches of its CP rank (its
+zig-zag chunks: tokens, rollout log-probs, routing trace) and TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
 optimizer step normalised by its own response-token count (exact global token-mean). Routing replay: ``r2``
 records π_old's experts in the old-log-prob pass and replays them in the updates; ``r3`` replays the engine's.
 After the N updates the Megatron weights go to the engine (converter's in-memory Megatron -> HF path) and the
@@ -75,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None) -> None:
         self.cfg = cfg.validate()
         init_parallel(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
-                      ep=cfg.expert_model_parallel_size, etp=1, seed=cfg.seed)
+                      ep=cfg.expert_model_parallel_size, cp=cfg.context_parallel_size, etp=1, seed=cfg.seed)
         self.hf = load_hf_config(cfg.hf_checkpoint)
         self.spec = model_spec(self.hf)
         self.model = build_model(self.hf, dtype=torch.float32)
@@ -134,7 +135,7 @@ class Trainer:
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
         size = len(samples) // cfg.num_mini_batches
         r = ranks()
-        dp, dp_rank, tp, tp_rank = r.dp, r.dp_rank, r.tp, r.tp_rank
+        dp, dp_rank, tp, tp_rank, cp, cp_rank = r.dp, r.dp_rank, r.tp, r.tp_rank, r.cp, r.cp_rank
         minis = []
         for k in range(cfg.num_mini_batches):
             chunk = samples[k * size:(k + 1) * size]
@@ -143,11 +144,11 @@ class Trainer:
             tokens = float(sum(len(s.response) for s in chunk))
             mbs = []
             for ids in plan.micro_batches[dp_rank]:
-                packed = pack([chunk[i] for i in ids], cp=1, sp=tp, sample_ids=[k * size + i for i in ids])
-                mb = micro_batch(packed, 0, tp_rank)
+                packed = pack([chunk[i] for i in ids], cp=cp, sp=tp, sample_ids=[k * size + i for i in ids])
+                mb = micro_batch(packed, cp_rank, tp_rank)
                 mb.global_tokens, mb.global_seqs = tokens, float(len(chunk))
-                if trace is not None:  # this rank's SP slice of its stage's MoE layers; pads route live
-                    mb.routing = batch_shard(trace, packed, 0, tp_rank, self.replay.layer_columns)
+                if trace is not None:  # this rank's CP/SP slice of its stage's MoE layers; pads route live
+                    mb.routing = batch_shard(trace, packed, cp_rank, tp_rank, self.replay.layer_columns)
                 mbs.append(mb)
             minis.append(mbs)
         return minis
@@ -210,8 +211,10 @@ class Trainer:
         return self.replay.phase(name, None, first_micro=offset) if name == "update" else self.replay.phase(name)
 
     def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
-        """Step metrics: loss and entropy summed over every micro-batch and rank; the objective's metrics reduced by
-        kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean over micro-batches)."""
+        """Step metrics: loss and entropy summed over every micro-batch and rank (CP ranks hold disjoint token
+        shares); the objective's metrics reduced by kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean
+        over micro-batches). Sequence counts are complete on every CP rank (the per-sequence sums are all-reduced over
+        CP), so their sum is divided by cp."""
         r = ranks()
         report = r.last_stage and r.tp_rank == 0
         mine = [{k: float(v) for k, v in m.items()} for m in metrics] if report else []
@@ -238,7 +241,7 @@ class Trainer:
             elif key.endswith("_max"):
                 out[key] = max(values)
             elif "count" in key or "/n_" in key:
-                out[key] = sum(values)
+                out[key] = sum(values) / r.cp
             else:
                 out[key] = float(np.mean(values))
         if self.replay is not None:
