@@ -47,7 +47,7 @@ _FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "/destroy_weights_update_group": {"group_name": (str, "weight_update_group")},
     "/pause_generation": {"mode": (str, "abort")},
     "/continue_generation": {"torch_empty_cache": (bool, True)},
-    "/abort_request": {"rid": ((str, type(None)), ""), "abort_all": (bool, False)},
+    "/abort_request": {"rid": ((str, type(None)), None), "abort_all": (bool, False)},
 }
 
 
