@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vespo_megatron.rollout.engines import EnginePool
 from vespo_megatron.rollout.sglang import RolloutError
 from vespo_megatron.rollout.weight_group import WeightGroup, open_group
 from vespo_megatron.rollout.weight_names import mismatched_weights
@@ -123,18 +124,18 @@ class DistributedSync:
     """The trainer's side of the weight-update group with one or more SGLang HTTP engines.
 
     Args:
-        clients: :class:`~.sglang.SGLangClient` s (each engine's ranks join as rank_offset + tp_rank).
+        engines: an :class:`~.engines.EnginePool` (each engine's ranks join as rank_offset + tp_rank).
         master_address: an address of this (rank-0 trainer) host the engines can reach.
-        master_port: the rendezvous port (0: a free one).
+        master_port: the rendezvous port (0: a free one at each connect).
         backend: "nccl" (tensors on the GPU) or "gloo".
         bucket_bytes: the most bytes per ``/update_weights_from_distributed`` request.
         pause_mode: how generation is paused around an update ("retract": requests in flight resume after it).
     """
 
-    def __init__(self, clients: Sequence[Any], master_address: str = "127.0.0.1", master_port: int = 0, *,
+    def __init__(self, engines: EnginePool, master_address: str = "127.0.0.1", master_port: int = 0, *,
                  backend: str = "gloo", group_name: str = "weight_update_group",
                  bucket_bytes: int = DEFAULT_BUCKET_MB << 20, pause_mode: str = "retract", timeout_s: float = 300.0):
-        self.clients = list(clients)
+        self.engines = engines
         self.master_address = master_address
         self.master_port = master_port
         self.backend = backend
@@ -143,42 +144,26 @@ class DistributedSync:
         self.pause_mode = pause_mode
         self.timeout_s = timeout_s
         self.group: WeightGroup | None = None
-        self._pool = ThreadPoolExecutor(max_workers=max(len(self.clients), 1), thread_name_prefix="weight-sync")
-
-    def _on_all(self, call: Any, what: str) -> list[Any]:
-        """Run ``call(client)`` on every engine at once; RolloutError naming each engine that failed."""
-        futures = [(client, self._pool.submit(call, client)) for client in self.clients]
-        return self._gather(futures, what)
-
-    @staticmethod
-    def _gather(futures: list[tuple[Any, Any]], what: str) -> list[Any]:
-        results, failed = [], []
-        for client, future in futures:
-            try:
-                results.append(future.result())
-            except Exception as err:  # each engine's failure is reported by name below
-                failed.append(f"{client.name}: {err}")
-        if failed:
-            raise RolloutError(f"{what} failed on {len(failed)} of {len(futures)} engines: " + "; ".join(failed))
-        return results
+        self._pool = ThreadPoolExecutor(max_workers=len(engines.clients), thread_name_prefix="weight-sync")
 
     def connect(self) -> None:
         """``/init_weights_update_group`` on every engine while this process joins as rank 0."""
         if self.group is not None:
             return
-        sizes = self._on_all(lambda c: c.tp_size(), "server_info")
+        clients = self.engines.clients
+        sizes = self.engines.on_all(lambda c: c.tp_size(), "server_info")
         offsets = np.cumsum([1] + sizes[:-1]).tolist()
         world = 1 + sum(sizes)
         port = self.master_port or free_port(self.master_address)
         futures = [(client, self._pool.submit(client.init_weights_update_group, self.master_address, port, offset,
                                               world, self.group_name, self.backend))
-                   for client, offset in zip(self.clients, offsets)]
+                   for client, offset in zip(clients, offsets)]
         try:
             self.group = open_group(self.master_address, port, 0, world, self.group_name, self.backend,
                                     self.timeout_s)
         finally:
-            self._gather(futures, f"init_weights_update_group({self.master_address}:{port}, world {world})")
-        log.info("weight-update group %s: %d engines, world %d, %s", self.group_name, len(self.clients), world,
+            self.engines._gather(futures, f"init_weights_update_group({self.master_address}:{port}, world {world})")
+        log.info("weight-update group %s: %d engines, world %d, %s", self.group_name, len(clients), world,
                  self.backend)
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: str) -> int:
@@ -187,13 +172,13 @@ class DistributedSync:
         Returns the bytes broadcast. On failure the engines stay paused at their old version.
         """
         self.connect()
-        self._on_all(lambda c: c.pause_generation(self.pause_mode), "pause_generation")
+        self.engines.on_all(lambda c: c.pause_generation(self.pause_mode), "pause_generation")
         sent = 0
         for bucket, last in buckets(named_tensors, self.bucket_bytes):
             sent += self._push_bucket(bucket, version if last else None)
         if not sent:  # nothing to send: only the version moves
-            self._on_all(lambda c: c.update_weight_version(version), "update_weight_version")
-        self._on_all(lambda c: c.continue_generation(), "continue_generation")
+            self.engines.on_all(lambda c: c.update_weight_version(version), "update_weight_version")
+        self.engines.on_all(lambda c: c.continue_generation(), "continue_generation")
         return sent
 
     def _push_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> int:
@@ -204,19 +189,43 @@ class DistributedSync:
         shapes = [list(t.shape) for t in tensors]
         futures = [(client, self._pool.submit(client.update_weights_from_distributed, names, dtypes, shapes,
                                               self.group_name, version, version is not None, self.timeout_s))
-                   for client in self.clients]
+                   for client in self.engines.clients]
         try:
             for tensor in tensors:
                 self.group.broadcast(tensor)
         finally:
-            self._gather(futures, f"update_weights_from_distributed({names[0]}..{names[-1]})")
+            self.engines._gather(futures, f"update_weights_from_distributed({names[0]}..{names[-1]})")
         return sum(nbytes(t) for t in tensors)
+
+    def ensure(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], version: str) -> list[str]:
+        """Re-push (a fresh stream from ``named_tensors()``) when an engine does not hold ``version`` — restarted
+        since the last sync, or left paused by an interrupted one; the group is rebuilt first. Returns the stale
+        engines' URLs (empty: nothing was sent)."""
+        stale = [c.base_url for c in self.engines.stale(version)]
+        if stale:
+            log.warning("engines %s do not hold weight version %s: rebuilding the group and re-pushing", stale,
+                        version)
+            self.reset()
+            self.push(named_tensors(), version)
+        return stale
+
+    def reset(self) -> None:
+        """Leave the group; engines that still answer destroy theirs (failures are only logged)."""
+        for client in self.engines.clients:
+            try:
+                client.destroy_weights_update_group(self.group_name)
+            except RolloutError as err:
+                log.warning("%s: %s", client.name, err)
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def close(self) -> None:
         """``/destroy_weights_update_group`` on every engine and leave the group."""
         if self.group is not None:
             try:
-                self._on_all(lambda c: c.destroy_weights_update_group(self.group_name), "destroy_weights_update_group")
+                self.engines.on_all(lambda c: c.destroy_weights_update_group(self.group_name),
+                                    "destroy_weights_update_group")
             finally:
                 self.group.close()
                 self.group = None
