@@ -55,7 +55,8 @@ def forward_time(samples: int, sample_tokens: int, repeats: int, block: int = 5)
     import torch
 
     from vespo_megatron.megatron.batch import micro_batch
-    from vespo_megatron.megatron.model import build_model, tiny_hf_config
+    from vespo_megatron.hf_config import tiny_hf_config
+    from vespo_megatron.megatron.model import build_model
     from vespo_megatron.megatron.parallel import destroy_parallel, init_parallel
     from vespo_megatron.packing.reference import pack as pack_batch
     from vespo_megatron.packing.sample import Sample

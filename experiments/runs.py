@@ -29,7 +29,7 @@ def make_checkpoint(root: Path, seed: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vespo_megatron.megatron.model import tiny_hf_config
+    from vespo_megatron.hf_config import tiny_hf_config
 
     path = Path(root) / f"hf-seed{seed}"
     if not (path / "config.json").is_file():

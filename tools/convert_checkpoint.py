@@ -7,7 +7,7 @@
 """
 import sys
 
-from vespo_megatron.convert.cli import main
+from vespo_megatron.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

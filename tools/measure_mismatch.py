@@ -6,7 +6,7 @@
 """
 import sys
 
-from vespo_megatron.train.mismatch_cli import main
+from vespo_megatron.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["mismatch", *sys.argv[1:]]))

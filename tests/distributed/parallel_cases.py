@@ -7,7 +7,8 @@ from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
 from vespo_megatron.megatron.loss import LossSettings
-from vespo_megatron.megatron.model import build_model, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import export_global, load_global
@@ -30,10 +31,10 @@ def make_samples(n: int, seed: int = 0, vocab: int = 256) -> list[Sample]:
     return out
 
 
-def initial_weights(family: str, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Tensor]:
-    """Global weights of a 1-rank build (call inside a 1-rank world)."""
+def initial_weights(hf, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Tensor]:
+    """Global weights of a 1-rank build of ``hf`` (a config or a tiny family name; call inside a 1-rank world)."""
     torch.manual_seed(seed)
-    model = build_model(tiny_hf_config(family), dtype=dtype)
+    model = build_model(tiny_hf_config(hf) if isinstance(hf, str) else hf, dtype=dtype)
     weights = export_global(model)
     for key, value in weights.items():  # the DSV3-style expert bias is zero at init: give it a routing effect
         if key.endswith("expert_bias"):
@@ -42,16 +43,18 @@ def initial_weights(family: str, dtype: torch.dtype, seed: int = 7) -> dict[str,
 
 
 def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int) -> list[MicroBatch]:
-    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; global normalisers attached."""
+    """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; global normalisers attached;
+    ``extra``: the micro-batch's ``sample_ids`` and its ``packed`` batch."""
     groups = [list(range(len(samples)))[i::n_micro] for i in range(n_micro)]
     tokens = float(sum(len(s.response) for s in samples))
     out = []
     for gi, ids in enumerate(groups):
         if gi % dp != dp_rank:
             continue
-        mb = micro_batch(pack([samples[i] for i in ids], cp=1, sp=sp, sample_ids=ids), 0, sp_rank)
+        packed = pack([samples[i] for i in ids], cp=1, sp=sp, sample_ids=ids)
+        mb = micro_batch(packed, 0, sp_rank)
         mb.global_tokens, mb.global_seqs = tokens, float(len(samples))
-        mb.extra["sample_ids"] = ids
+        mb.extra.update(sample_ids=ids, packed=packed)
         out.append(mb)
     return out
 

@@ -7,7 +7,8 @@ import torch
 from megatron.core import parallel_state
 
 from tests.distributed.parallel_cases import initial_weights, make_samples, micro_batches, per_sample_logp
-from vespo_megatron.megatron.model import build_model, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel, spawn
 from vespo_megatron.megatron.step import old_log_probs
 from vespo_megatron.megatron.weights import load_global

@@ -13,7 +13,6 @@ in the old-log-prob pass, for every micro-batch; a forward-only pass leaves noth
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,15 +22,18 @@ pytest.importorskip("megatron.core")
 
 from megatron.core import parallel_state  # noqa: E402
 
+from tests.distributed import parallel_cases  # noqa: E402
 from tests.distributed.parallel_cases import make_samples  # noqa: E402
+from vespo_megatron.hf_config import tiny_hf_config  # noqa: E402
 from vespo_megatron.megatron.batch import micro_batch  # noqa: E402
 from vespo_megatron.megatron.loss import LossSettings, token_logprobs  # noqa: E402
-from vespo_megatron.megatron.model import build_model, tiny_hf_config  # noqa: E402
+from vespo_megatron.megatron.model import build_model  # noqa: E402
 from vespo_megatron.megatron.parallel import init_parallel, spawn  # noqa: E402
 from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads  # noqa: E402
-from vespo_megatron.megatron.weights import export_global, load_global  # noqa: E402
+from vespo_megatron.megatron.weights import load_global  # noqa: E402
 from vespo_megatron.packing.reference import pack as pack_batch  # noqa: E402
-from vespo_megatron.routing.replay import RoutingReplay  # noqa: E402
+from vespo_megatron.routing.capture import RouterCapture  # noqa: E402
+from vespo_megatron.routing.replay import RoutingReplay, find_routers  # noqa: E402
 from vespo_megatron.routing.shard import batch_shard  # noqa: E402
 from vespo_megatron.routing.trace import SampleRouting, TracePart, TraceSpec, decode_batch, pack  # noqa: E402
 
@@ -45,78 +47,40 @@ def hf_config(family: str):
     return tiny_hf_config(family, **FAMILIES[family])
 
 
-class Probe:
-    """Forward hooks on every router: the expert set (sorted ids [T, k]) of each call, by layer_number."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.forward: dict[int, list[torch.Tensor]] = {}
-        self.recomputed: dict[int, list[torch.Tensor]] = {}
-        routers = [m for n, m in model.named_modules() if n.endswith("mlp.router")]
-        self.handles = [router.register_forward_hook(self._hook) for router in routers]
-
-    def _hook(self, router, inputs, output) -> None:
-        routing_map = output[1]
-        ids = routing_map.nonzero()[:, 1].view(routing_map.shape[0], -1).clone()
-        in_backward = torch._C._current_graph_task_id() != -1
-        (self.recomputed if in_backward else self.forward).setdefault(router.layer_number, []).append(ids)
-
-    def pop(self) -> tuple[dict, dict]:
-        out = (self.forward, self.recomputed)
-        self.forward, self.recomputed = {}, {}
-        return out
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def probe_routers(model: torch.nn.Module) -> RouterCapture:
+    """Every router's expert sets (sorted ids [T, k]) per call, by layer_number."""
+    routers = find_routers(model)
+    return RouterCapture(routers, [router.layer_number for router in routers])
 
 
 def initial_weights(hf, seed: int = 7) -> tuple[dict, dict]:
     """Global weights of A, and of B = A with router weights perturbed (1-rank world)."""
-    torch.manual_seed(seed)
-    weights_a = export_global(build_model(hf, dtype=DTYPE))
-    for key, value in weights_a.items():  # a non-zero expert bias, so that sigmoid routing depends on it
-        if key.endswith("expert_bias"):
-            value.copy_(torch.linspace(-0.3, 0.3, value.numel(), dtype=value.dtype).reshape(value.shape))
+    weights_a = parallel_cases.initial_weights(hf, DTYPE, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     weights_b = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=gen, dtype=v.dtype) if k.endswith(
         "router.weight") else v for k, v in weights_a.items()}
     return weights_a, weights_b
 
 
-@dataclass
-class Split:
-    ids: list[int]  # samples of the micro-batch
-    batch: object  # PackedBatch
-    mb: object  # MicroBatch of this rank
-
-
-def split(samples: list, n_micro: int, sp_rank: int) -> list[Split]:
-    """Round-robin micro-batches; data-parallel rank d takes every dp-th one."""
+def split(samples: list, n_micro: int, sp_rank: int) -> list:
+    """This rank's micro-batches (``parallel_cases.micro_batches``: round-robin, every dp-th to DP rank d)."""
     sp = parallel_state.get_tensor_model_parallel_world_size()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    out = []
-    for g in range(n_micro):
-        ids = list(range(len(samples)))[g::n_micro]
-        if g % dp == dp_rank:
-            batch = pack_batch([samples[i] for i in ids], cp=1, sp=sp, sample_ids=ids)
-            mb = micro_batch(batch, 0, sp_rank)
-            mb.global_tokens, mb.global_seqs = float(sum(len(s.response) for s in samples)), float(len(samples))
-            out.append(Split(ids, batch, mb))
-    return out
+    return parallel_cases.micro_batches(samples, n_micro, sp, sp_rank, dp, dp_rank)
 
 
-def slot_experts(experts: list[np.ndarray], piece: Split, sp_rank: int, column: int) -> tuple[np.ndarray, np.ndarray]:
+def slot_experts(experts: list[np.ndarray], piece, sp_rank: int, column: int) -> tuple[np.ndarray, np.ndarray]:
     """A's experts [T, k] at this rank's router rows for trace column ``column``, and the [T] real-token mask."""
-    b = piece.batch
+    b = piece.extra["packed"]
     t = b.tokens.shape[1] // b.sp
     seq, pos = b.seq_index[0, sp_rank * t:(sp_rank + 1) * t], b.position_ids[0, sp_rank * t:(sp_rank + 1) * t]
     real = seq >= 0
     out = np.zeros((t, experts[0].shape[2]), np.int64)
-    out[real] = [experts[piece.ids[s]][p, column] for s, p in zip(seq[real], pos[real])]
+    out[real] = [experts[piece.extra["sample_ids"][s]][p, column] for s, p in zip(seq[real], pos[real])]
     return out, real
 
 
-def compare(calls: dict, experts: list, pieces: list[Split], replay: RoutingReplay, sp_rank: int,
+def compare(calls: dict, experts: list, pieces: list, replay: RoutingReplay, sp_rank: int,
             skip_last: bool) -> tuple[int, int]:
     """(mismatching, compared) (token, layer) pairs between router calls and A's experts."""
     bad = total = 0
@@ -126,7 +90,7 @@ def compare(calls: dict, experts: list, pieces: list[Split], replay: RoutingRepl
             column = replay.spec.moe_layers.index(layer_number - 1)
             want, real = slot_experts(experts, piece, sp_rank, column)
             if skip_last:  # SGLang traces have no row for a sample's last token: it is routed live
-                b = piece.batch
+                b = piece.extra["packed"]
                 t = b.tokens.shape[1] // b.sp
                 seq = b.seq_index[0, sp_rank * t:(sp_rank + 1) * t]
                 pos = b.position_ids[0, sp_rank * t:(sp_rank + 1) * t]
@@ -153,7 +117,7 @@ def check_layout(layout: dict, family: str, weights: tuple, samples: list, exper
     init_parallel(**layout)
     hf = hf_config(family)
     model = build_model(hf, dtype=DTYPE)
-    replay, probe = RoutingReplay(model, "r3"), Probe(model)
+    replay, probe = RoutingReplay(model, "r3"), probe_routers(model)
     sp_rank = parallel_state.get_tensor_model_parallel_rank()
     last = parallel_state.is_pipeline_last_stage()
     sglang = decode_batch(sglang_traces(experts, replay.spec), replay.spec)
@@ -165,8 +129,8 @@ def check_layout(layout: dict, family: str, weights: tuple, samples: list, exper
 
     for n_micro in n_micros:
         pieces = split(samples, n_micro, sp_rank)
-        mbs = [p.mb for p in pieces]
-        shards = {name: [batch_shard(trace, p.batch, 0, sp_rank, replay.layer_columns) for p in pieces]
+        mbs = pieces
+        shards = {name: [batch_shard(trace, p.extra["packed"], 0, sp_rank, replay.layer_columns) for p in pieces]
                   for name, trace in (("sglang", sglang), ("full", full))}
         load_global(model, weights[0])
         live = old_log_probs(model, mbs)
@@ -188,11 +152,11 @@ def check_layout(layout: dict, family: str, weights: tuple, samples: list, exper
 
 def capture(model: torch.nn.Module, samples: list) -> list[np.ndarray]:
     """A's live experts per sample [n_i, num_moe_layers, k] (sorted ids), from one 1-rank micro-batch."""
-    probe = Probe(model)
+    probe = probe_routers(model)
     batch = pack_batch(samples, cp=1, sp=1)
     old_log_probs(model, [micro_batch(batch)])
     calls = probe.pop()[0]
-    probe.close()
+    probe.remove()
     per_layer = np.stack([calls[n][0].numpy() for n in sorted(calls)], axis=1)  # [t, L, k]
     return [per_layer[(batch.seq_index[0] == i)] for i in range(len(samples))]
 
@@ -270,9 +234,9 @@ def r2_check(hf, weights: tuple, samples: list) -> dict:
     model = build_model(hf, dtype=DTYPE, recompute=True)
     load_global(model, weights[0])
     ddp = wrap_ddp(model)
-    probe = Probe(model)
+    probe = probe_routers(model)
     pieces = split(samples, 4, 0)
-    mbs = [p.mb for p in pieces]
+    mbs = pieces
     replay = RoutingReplay(ddp, "r2")
     with replay.phase("old_logprob"):
         olds = old_log_probs(ddp, mbs)
@@ -297,7 +261,7 @@ def r2_check(hf, weights: tuple, samples: list) -> dict:
     r3 = RoutingReplay(ddp, "r3")
     experts = capture(model, samples)
     shifted = [(ex + 1) % r3.spec.num_experts for ex in experts]  # another valid routing
-    traces = {name: [batch_shard(pack(t, r3.spec), p.batch, 0, 0, r3.layer_columns) for p in pieces]
+    traces = {name: [batch_shard(pack(t, r3.spec), p.extra["packed"], 0, 0, r3.layer_columns) for p in pieces]
               for name, t in (("x", shifted), ("y", experts))}
     with r3.phase("old_logprob", traces["x"]):
         old_log_probs(ddp, mbs)

@@ -51,8 +51,8 @@ class ToyRouter(torch.nn.Module):
         self.maps.append(routing_map)
         return probs, routing_map
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.routing(logits)[0]
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.routing(logits)  # (probs, routing_map) as TopKRouter.forward
 
 
 class ToyModel(torch.nn.Module):
@@ -66,8 +66,8 @@ class ToyModel(torch.nn.Module):
 
     def forward(self, logits: torch.Tensor) -> list[torch.Tensor]:
         if self.recompute:
-            return [checkpoint(layer, logits, use_reentrant=True) for layer in self.layers]
-        return [layer(logits) for layer in self.layers]
+            return [checkpoint(layer, logits, use_reentrant=True)[0] for layer in self.layers]
+        return [layer(logits)[0] for layer in self.layers]
 
 
 def ids_of(routing_map: torch.Tensor) -> list[list[int]]:

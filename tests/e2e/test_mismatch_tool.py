@@ -19,14 +19,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from vespo_megatron.convert.spec import load_hf_config
-from vespo_megatron.metrics.report import DELTA_PLOT, JSON_NAME, LOG_W_PLOT, ROUTING_PLOT
+from vespo_megatron.hf_config import load_hf_config
+from vespo_megatron import cli
+from vespo_megatron.mismatch.align import trace_spec
+from vespo_megatron.mismatch.inputs import rollout_client, synthetic_prompts
+from vespo_megatron.mismatch.report import DELTA_PLOT, JSON_NAME, LOG_W_PLOT, ROUTING_PLOT
+from vespo_megatron.mismatch.score import REPLAY_OFF, REPLAY_ON, measure_mismatch
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.train import mismatch_cli
-from vespo_megatron.train.mismatch import (
-    REPLAY_OFF, REPLAY_ON, measure_mismatch, rollout_client, synthetic_prompts, trace_spec,
-)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -50,7 +50,7 @@ def _run_cli(hf_dir, out, *extra: str) -> tuple[int, str]:
     flags = [arg for key, value in ROLLOUT.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        status = mismatch_cli.main(["--hf-checkpoint", str(hf_dir), "--output-dir", str(out), *flags, *extra])
+        status = cli.main(["mismatch", "--hf-checkpoint", str(hf_dir), "--output-dir", str(out), *flags, *extra])
     return status, stdout.getvalue()
 
 

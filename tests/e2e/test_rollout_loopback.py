@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import moe_layer_pattern, num_experts, tiny_hf_config
+from vespo_megatron.hf_config import num_experts, tiny_hf_config
+from vespo_megatron.megatron.model import moe_layer_pattern
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
 from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
 from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 from vespo_megatron.routing.trace import TraceSpec
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CONFIG = tiny_hf_config("qwen3_moe", mlp_only_layers=[2])
 SPEC = TraceSpec.from_layer_pattern(moe_layer_pattern(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)

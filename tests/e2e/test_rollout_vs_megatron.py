@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from vespo_megatron.convert.inmemory import hf_to_mcore_tensors, mcore_to_hf_tensors
 from vespo_megatron.convert.spec import model_spec
-from vespo_megatron.megatron.model import build_model, moe_layer_pattern, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel
 from vespo_megatron.megatron.weights import export_global, load_global
 from vespo_megatron.metrics.mismatch import mismatch_metrics, routing_disagreement

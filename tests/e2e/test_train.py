@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.run import preflight, run_training
 

@@ -9,7 +9,7 @@ import torch
 
 from vespo_megatron.convert.cli import parse_size
 from vespo_megatron.convert.rank_shards import local_slice
-from vespo_megatron.convert.spec import padded_vocab
+from vespo_megatron.hf_config import padded_vocab
 from vespo_megatron.convert import mapping
 from vespo_megatron.convert.spec import model_spec
 from vespo_megatron.convert.synthetic import tiny_config

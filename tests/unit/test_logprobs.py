@@ -205,3 +205,23 @@ def test_bad_inputs(logits_shape, labels_shape, vocab_size, match):
 def test_labels_outside_the_vocabulary_are_rejected(labels):
     with pytest.raises(ValueError, match=r"labels\[\d\]=-?\d+ outside \[0, 3\)"):
         vocab_parallel_logprobs(torch.randn(3, 5), torch.tensor(labels), vocab_size=3)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["copy", "inplace"])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature_scores_logits_over_temperature(temperature, inplace):
+    """log-probs, entropy and the logits gradient of logits / τ, the way the rollout engine samples."""
+    t = 9
+    z, labels = make_case(t, 11, 8)
+    a, b = coefficients(t)
+    got = grads(lambda x: vocab_parallel_logprobs(x, labels, vocab_size=8, chunk_elems=7, inplace_backward=inplace,
+                                                  temperature=temperature), z, a, b, inplace)
+    want = grads(lambda x: reference(x / temperature, labels, 8), z, a, b)
+    for g, w, name in zip(got, want, ("logp", "entropy", "grad")):
+        torch.testing.assert_close(g, w, atol=TOL, rtol=0, msg=name)
+
+
+def test_temperature_must_be_positive():
+    z, labels = make_case(3, 4, 4)
+    with pytest.raises(ValueError, match="temperature: must be > 0"):
+        vocab_parallel_logprobs(z, labels, temperature=0.0)

@@ -1,5 +1,4 @@
 """Mismatch report: table, JSON round-trip and PNG plots."""
-import io
 import json
 
 import numpy as np
@@ -7,7 +6,7 @@ import pytest
 from matplotlib.image import imread
 
 from vespo_megatron.metrics.mismatch import ROUTING_LAYER_KEY, MismatchSamples
-from vespo_megatron.metrics.report import format_table, write_json, write_plots, write_report
+from vespo_megatron.mismatch.report import TABLE_NAME, format_table, write_json, write_plots, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,13 +66,12 @@ def test_no_routing_and_no_samples_writes_no_plot(tmp_path):
     assert write_plots({"a": {"kl/k3": 0.1}}, tmp_path) == []
 
 
-def test_report_prints_table_and_writes_json_and_plots(tmp_path):
-    stream = io.StringIO()
-    paths = write_report(COLUMNS, tmp_path, _samples(), stream=stream)
-    assert stream.getvalue() == format_table(COLUMNS) + "\n"
-    assert json.loads(paths[0].read_text()) == COLUMNS
-    assert len(paths) == 4
-    for path in paths[1:]:
+def test_report_writes_table_json_and_plots(tmp_path):
+    paths = write_report(COLUMNS, tmp_path, _samples())
+    assert paths[0].name == TABLE_NAME and paths[0].read_text() == format_table(COLUMNS) + "\n"
+    assert json.loads(paths[1].read_text()) == COLUMNS
+    assert len(paths) == 5
+    for path in paths[2:]:
         _assert_png(path)
 
 

@@ -15,15 +15,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from vespo_megatron.metrics.report import DELTA_PLOT, JSON_NAME, LOG_W_PLOT, ROUTING_PLOT
+from vespo_megatron.mismatch import cli as mismatch_cli
+from vespo_megatron.mismatch.align import TrainSide, align, training_side
+from vespo_megatron.mismatch.inputs import read_prompts, synthetic_prompts
+from vespo_megatron.mismatch.report import (
+    DELTA_PLOT, JSON_NAME, LOG_W_PLOT, ROUTING_PLOT, TABLE_NAME, column_metrics, format_table, report,
+)
+from vespo_megatron.mismatch.score import REPLAY_OFF, REPLAY_ON, measure_mismatch
 from vespo_megatron.packing import Sample, pack
 from vespo_megatron.rollout.records import RolloutRecord
 from vespo_megatron.routing.trace import TraceSpec
-from vespo_megatron.train import mismatch_cli
-from vespo_megatron.train.mismatch import (
-    REPLAY_OFF, REPLAY_ON, TrainSide, align, column_metrics, measure_mismatch, read_prompts, report,
-    synthetic_prompts, training_side,
-)
 
 SPEC = TraceSpec(num_hf_layers=3, moe_layers=(0, 2), num_experts=4, topk=2)
 PROMPTS, RESPONSES = ([5, 6, 7], [1, 2]), ([8, 9], [3, 4, 5])
@@ -107,7 +108,7 @@ def test_metrics_follow_the_formulas_on_the_hand_made_case():
     assert metrics["routing/mean_layers_disagree"] == pytest.approx(4 / 5)
 
 
-def test_report_writes_both_columns_table_json_and_three_plots(tmp_path, capsys):
+def test_report_writes_both_columns_table_json_and_three_plots(tmp_path):
     exact = TrainSide([np.concatenate([lp[:-len(mu)], mu]) for lp, mu in zip(_train_side().logprobs, MU)],
                       [np.concatenate([r.routing[:, [0, 2]], r.routing[-1:, [0, 2]]]) for r in _records()])
     columns = report(_records(), {REPLAY_OFF: _train_side(), REPLAY_ON: exact}, SPEC, tmp_path)
@@ -116,7 +117,9 @@ def test_report_writes_both_columns_table_json_and_three_plots(tmp_path, capsys)
     assert json.loads((tmp_path / JSON_NAME).read_text()) == columns
     for plot in (DELTA_PLOT, LOG_W_PLOT, ROUTING_PLOT):
         assert (tmp_path / plot).stat().st_size > 0
-    header = capsys.readouterr().out.splitlines()[0]
+    table = (tmp_path / TABLE_NAME).read_text()
+    assert table == format_table(columns) + "\n"
+    header = table.splitlines()[0]
     assert REPLAY_OFF in header and REPLAY_ON in header
 
 
@@ -195,5 +198,5 @@ def test_cli_parser_and_light_import():
     assert (args.tensor_model_parallel_size, args.expert_model_parallel_size) == (2, 2)
     with pytest.raises(SystemExit):
         parser.parse_args(["mismatch", "--hf-checkpoint", "hf", "--output-dir", "out", "--train-dtype", "fp16"])
-    code = "import sys, vespo_megatron.train.mismatch_cli; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
+    code = "import sys, vespo_megatron.mismatch.cli; print(sorted({'numpy', 'torch'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

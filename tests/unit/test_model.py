@@ -5,9 +5,8 @@ import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from vespo_megatron.megatron.model import (
-    build_model, moe_layer_pattern, padded_vocab_size, tiny_hf_config, transformer_config,
-)
+from vespo_megatron.hf_config import padded_vocab, tiny_hf_config
+from vespo_megatron.megatron.model import build_model, moe_layer_pattern, transformer_config
 from vespo_megatron.megatron.parallel import init_parallel
 
 
@@ -48,9 +47,9 @@ def test_config_mapping():
 
 
 def test_vocab_padding():
-    assert padded_vocab_size(256, 1) == 256
-    assert padded_vocab_size(151936, 1) == 151936 and padded_vocab_size(151936, 2) == 152064
-    assert padded_vocab_size(1000, 2) == 1024
+    assert padded_vocab(256, 1) == 256
+    assert padded_vocab(151936, 1) == 151936 and padded_vocab(151936, 2) == 152064
+    assert padded_vocab(1000, 2) == 1024
 
 
 def test_bad_inputs():

@@ -17,7 +17,7 @@ from vespo_megatron.rollout.records import RolloutResponseError
 from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
 from vespo_megatron.routing.trace import TraceSpec
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(300)
 
 SPEC = TraceSpec(num_hf_layers=2, moe_layers=(0, 1), num_experts=4, topk=2)
 PROMPT = [1, 2, 3]

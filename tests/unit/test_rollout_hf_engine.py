@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import moe_layer_pattern, tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.megatron.model import moe_layer_pattern
 from vespo_megatron.rollout.hf_engine import HFEngine
 
 PROMPTS = [[3, 17, 99, 4, 250, 8], [42], [7, 7, 7, 1, 2]]

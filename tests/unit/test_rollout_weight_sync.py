@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.sglang import RolloutError, SGLangEngineClient
 from vespo_megatron.rollout.weight_sync import Probe, WeightSyncError, push_weights, verify_weights

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import tiny_hf_config
+from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.sglang import SGLangEngineClient
 from vespo_megatron.rollout.weight_names import canonical_name, mismatched_weights

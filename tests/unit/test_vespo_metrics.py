@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from vespo_megatron.metrics.vespo import effective_sample_size, sequence_metrics, vespo_metrics
+from vespo_megatron.objectives.metrics import effective_sample_size, sequence_metrics, vespo_metrics
 
 LOG_W = [0.5, -1.0, 5.0, 0.0, 2.0]
 ADV = [1.0, -1.0, -2.0, 0.0, 0.5]

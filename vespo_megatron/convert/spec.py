@@ -10,14 +10,15 @@ Families (HF ``model_type``):
 ``deepseek_v3`` itself is refused: its multi-latent attention (MLA) cannot be built by Megatron-Core 0.16.1 with the
 local (CPU) layer spec, so the DeepSeek-V3-style family is converted with GQA attention (``glm4_moe``).
 
-Vocabulary padding follows Megatron: ``padded = ceil(V / (divisible_by · tp)) · divisible_by · tp``.
+The interpretation of the HF config (MoE layer pattern, expert counts, sizes, vocabulary padding) is
+:mod:`vespo_megatron.hf_config`, shared with the model builder.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vespo_megatron import hf_config
 from vespo_megatron.convert.errors import ConversionError
 
 FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
@@ -88,53 +89,31 @@ class Layout:
                 raise ConversionError(f"{name}={size} does not divide {what}={count}", file=config_file)
 
 
-def padded_vocab(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """Megatron's padded vocabulary: the next multiple of divisible_by·tp (``--make-vocab-size-divisible-by``)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def load_hf_config(path: str | Path):
-    """The transformers config of an HF directory (its config.json) or of a config.json file."""
-    from transformers import AutoConfig
-
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConversionError("config.json not found", file=file)
+    """The transformers config of an HF directory or config.json file, for a family the converter supports."""
     try:
-        model_type = json.loads(file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"not valid JSON ({err})", file=file) from err
-    _check_family(model_type, file)
-    return AutoConfig.from_pretrained(str(file.parent) if file.name == "config.json" else str(file))
+        hf = hf_config.load_hf_config(path)
+    except hf_config.HFConfigError as err:
+        raise ConversionError(err.reason, file=err.file) from err
+    path = Path(path)
+    _check_family(hf.model_type, path / "config.json" if path.is_dir() else path)
+    return hf
 
 
 def _check_family(model_type: str | None, file: str | Path) -> None:
     if model_type == "deepseek_v3":
         raise ConversionError(f"unsupported architecture model_type='deepseek_v3': {_MLA_REASON}", file=file)
-    if model_type not in FAMILIES:
-        raise ConversionError(f"unsupported architecture model_type={model_type!r}; supported: {', '.join(FAMILIES)}", file=file)
-
-
-def moe_layers(hf, family: str | None = None) -> tuple[bool, ...]:
-    """[num_hidden_layers] True where the HF decoder layer is an MoE layer (dense layers: False)."""
-    family = family or hf.model_type
-    n = hf.num_hidden_layers
-    if family == "qwen3_moe":
-        dense = set(hf.mlp_only_layers or [])
-        return tuple(i not in dense and hf.num_local_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0 for i in range(n))
-    if family == "mixtral":
-        return (True,) * n
-    return tuple(i >= hf.first_k_dense_replace for i in range(n))
+    try:
+        hf_config.check_family(model_type, file, FAMILIES)
+    except hf_config.HFConfigError as err:
+        raise ConversionError(err.reason, file=err.file) from err
 
 
 def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = False, config_file: str | Path = "config.json") -> ModelSpec:
     """The :class:`ModelSpec` of a transformers config (vocabulary padded for ``tp``)."""
     family = hf.model_type
     _check_family(family, config_file)
-    dsv3_moe = family == "glm4_moe"
-    pattern = moe_layers(hf, family)
+    pattern = hf_config.moe_layers(hf)
     if stacked and len(set(pattern)) > 1:
         raise ConversionError("stacked layer keys need homogeneous layers, but dense and MoE layers are mixed", file=config_file)
     return ModelSpec(
@@ -143,17 +122,17 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool = Fals
         hidden=hf.hidden_size,
         num_heads=hf.num_attention_heads,
         num_kv_heads=hf.num_key_value_heads,
-        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        head_dim=hf_config.head_dim(hf),
         vocab_size=hf.vocab_size,
-        padded_vocab_size=padded_vocab(hf.vocab_size, tp, divisible_by),
+        padded_vocab_size=hf_config.padded_vocab(hf.vocab_size, tp, divisible_by),
         tied=bool(hf.tie_word_embeddings),
         moe_layers=pattern,
-        num_experts=hf.num_local_experts if any(pattern) else 0,
+        num_experts=hf_config.num_experts(hf) if any(pattern) else 0,
         ffn=hf.intermediate_size,
-        moe_ffn=hf.intermediate_size if family == "mixtral" else hf.moe_intermediate_size,
-        shared_ffn=hf.moe_intermediate_size * hf.n_shared_experts if dsv3_moe and hf.n_shared_experts else 0,
+        moe_ffn=hf_config.moe_ffn(hf),
+        shared_ffn=hf_config.shared_ffn(hf),
         qk_norm=family == "qwen3_moe" or bool(getattr(hf, "use_qk_norm", False)),
         qkv_bias=bool(getattr(hf, "attention_bias", False)),
-        expert_bias=dsv3_moe,
+        expert_bias=hf_config.expert_bias(hf),
         stacked=stacked,
     )

@@ -32,7 +32,7 @@ def tiny_config(family: str, **overrides: Any):
         from transformers import Glm4MoeConfig
 
         return Glm4MoeConfig(**{**_GLM4_TINY, **overrides})
-    from vespo_megatron.megatron.model import tiny_hf_config
+    from vespo_megatron.hf_config import tiny_hf_config
 
     return tiny_hf_config(family, **{"initializer_range": 0.02, **overrides})
 

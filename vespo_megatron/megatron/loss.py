@@ -15,7 +15,7 @@ Per micro-batch (one CP rank's label-aligned slots, see ``batch``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,30 +23,30 @@ from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.logprobs import vocab_parallel_logprobs
-from vespo_megatron.objectives.aggregate import aggregate_loss, check_agg_mode
 from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.objectives.losses import get_policy_loss
-from vespo_megatron.objectives.packed import PackedPolicyInput
-
-SeqSum = Callable[[torch.Tensor], torch.Tensor]
+from vespo_megatron.objectives.packed import PackedPolicyInput, SeqSum
+from vespo_megatron.objectives.policy_loss import assemble_policy_loss, effective_agg_mode
 
 
 @dataclass(frozen=True)
 class LossSettings:
     """name: registered policy loss; agg_mode: aggregation; exact_global: global normaliser (else official mode);
     old_from_rollout: use the rollout engine's log-probs as μ (fully asynchronous training);
-    loss_scale_factor: the constant of seq-mean-token-sum-norm."""
+    loss_scale_factor: the constant of seq-mean-token-sum-norm; honour_agg_mode: gspo/sapo use ``agg_mode`` instead
+    of the official fork's seq-mean-token-mean (as in ``compute_policy_loss``); temperature: the rollout's sampling
+    temperature τ (log-probs of logits / τ, as the engine's)."""
 
     name: str = "vespo"
     agg_mode: str = "token-mean"
     exact_global: bool = True
     old_from_rollout: bool = False
     loss_scale_factor: Optional[float] = None
+    honour_agg_mode: bool = False
+    temperature: float = 1.0
     hparams: PolicyLossConfig = field(default_factory=PolicyLossConfig)
 
     def __post_init__(self) -> None:
-        get_policy_loss(self.name)
-        check_agg_mode(self.agg_mode)
+        effective_agg_mode(self.name, self.agg_mode, self.honour_agg_mode)  # unknown loss or mode fails here
 
 
 def cp_seq_sum(group: Optional[dist.ProcessGroup]) -> SeqSum:
@@ -62,11 +62,12 @@ def cp_seq_sum(group: Optional[dist.ProcessGroup]) -> SeqSum:
     return reduce
 
 
-def token_logprobs(output: torch.Tensor, mb: MicroBatch, vocab_size: int, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logp [t], entropy [t] of ``mb.labels`` from the model output [1, t, V/tp]."""
+def token_logprobs(output: torch.Tensor, mb: MicroBatch, vocab_size: int, inplace: bool,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [t], entropy [t] of ``mb.labels`` from the model output [1, t, V/tp] divided by ``temperature``."""
     group = parallel_state.get_tensor_model_parallel_group()
     return vocab_parallel_logprobs(
-        output[0], mb.labels, vocab_size=vocab_size, group=group, inplace_backward=inplace
+        output[0], mb.labels, vocab_size=vocab_size, group=group, inplace_backward=inplace, temperature=temperature
     )
 
 
@@ -78,7 +79,7 @@ def policy_loss(
     num_microbatches: int,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(loss share, local response tokens, metrics) for Megatron's 3-tuple loss convention."""
-    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=True)
+    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=True, temperature=settings.temperature)
     seq_sum = cp_seq_sum(parallel_state.get_context_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
     return objective(logp, entropy, mb, settings, num_microbatches * dp, seq_sum)
@@ -115,27 +116,23 @@ def objective(
         entropy=entropy.detach(),
         seq_sum=seq_sum,
     )
-    spec = get_policy_loss(settings.name)
-    out = spec.fn(inp, settings.hparams)
-    if settings.exact_global:
-        loss = aggregate_loss(
-            out.token_loss, mb.seq_ids, out.seq_token_counts, settings.agg_mode,
-            global_num_tokens=mb.global_tokens, global_num_seqs=mb.global_seqs,
-            loss_scale_factor=settings.loss_scale_factor,
-        )
-    else:
-        mode = spec.official_agg_mode or settings.agg_mode
-        loss = aggregate_loss(
-            out.token_loss, mb.seq_ids, out.seq_token_counts, mode, loss_scale_factor=settings.loss_scale_factor
-        ) / official_divisor
+    exact = settings.exact_global
+    loss, loss_metrics = assemble_policy_loss(
+        settings.name, inp, settings.hparams, settings.agg_mode,
+        global_num_tokens=mb.global_tokens if exact else None, global_num_seqs=mb.global_seqs if exact else None,
+        loss_scale_factor=settings.loss_scale_factor, honour_agg_mode=settings.honour_agg_mode,
+    )
+    if not exact:
+        loss = loss / official_divisor
     local_tokens = mask.sum().to(torch.int)
-    metrics = {**out.metrics, "loss": loss.detach(), "entropy_sum": (entropy.detach() * mask).sum(),
+    metrics = {**loss_metrics, "loss": loss.detach(), "entropy_sum": (entropy.detach() * mask).sum(),
                "response_tokens": local_tokens}
     return loss, local_tokens, metrics
 
 
-def logprob_only(output: torch.Tensor, mb: MicroBatch, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Forward-only pass (π_old): returns per-slot logp [t] and entropy [t] in the metrics dict."""
-    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=False)
+def logprob_only(output: torch.Tensor, mb: MicroBatch, vocab_size: int,
+                 temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Forward-only pass (π_old): returns per-slot logp [t] and entropy [t] of logits / τ in the metrics dict."""
+    logp, entropy = token_logprobs(output, mb, vocab_size, inplace=False, temperature=temperature)
     zero = torch.zeros((), dtype=logp.dtype)
     return zero, torch.zeros((), dtype=torch.int), {"log_prob": logp.detach(), "entropy": entropy.detach()}

@@ -3,8 +3,7 @@
 ``transformer_config(hf_config)`` maps the HF fields onto one ``TransformerConfig``; ``build_model`` builds the
 GPTModel of the current pipeline stage under the current ``parallel_state``. The local spec (CPU) uses
 :mod:`vespo_megatron.megatron.layers`; ``use_te=True`` selects Transformer Engine's spec (GPU, needed for context
-parallelism and fused kernels). ``tiny_hf_config`` makes the small configs used by the tests and the demo.
-
+parallelism and fused kernels). 
 Routers: Qwen3-MoE/Mixtral softmax top-k renormalised over the k chosen (``moe_router_pre_softmax=False``; with
 ``norm_topk_prob=False`` softmax over all experts then top-k, ``pre_softmax=True``); DeepSeek-V3 style sigmoid scores
 + expert bias for the choice, unbiased sigmoid weights normalised and scaled, group-limited top-k, shared experts,
@@ -28,76 +27,19 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from vespo_megatron.convert.spec import moe_layers
+from vespo_megatron import hf_config
+from vespo_megatron.hf_config import get as _get
 from vespo_megatron.megatron.layers import PackedDotProductAttention, TorchNorm
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
-
-_TINY: dict[str, dict[str, Any]] = {
-    "qwen3_moe": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=512,
-        tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2, router_aux_loss_coef=0.0,
-    ),
-    "mixtral": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
-        tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2, router_aux_loss_coef=0.0,
-    ),
-    "deepseek_v3": dict(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
-        q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
-        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-6, initializer_range=0.2,
-    ),
-}
-
-
-def tiny_hf_config(family: str = "qwen3_moe", **overrides: Any) -> PretrainedConfig:
-    """A small random-init config of ``family`` (hidden 64, 4 layers, 8 experts top-2, vocab 256)."""
-    if family not in _TINY:
-        raise ValueError(f"family {family!r} is not supported; choose one of {FAMILIES}")
-    return AutoConfig.for_model(family, **{**_TINY[family], **overrides})
-
-
-def _get(hf: PretrainedConfig, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(hf, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def rope_theta(hf: PretrainedConfig) -> float:
-    params = getattr(hf, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", _get(hf, "rope_theta", default=10000.0)))
-
 
 def moe_layer_pattern(hf: PretrainedConfig) -> list[int]:
     """[num_layers] 1 where the HF layer is an MoE layer, 0 where it is dense (Megatron's ``moe_layer_freq``)."""
     if hf.model_type not in FAMILIES:
         raise ValueError(f"model_type {hf.model_type!r} is not supported; choose one of {FAMILIES}")
-    return [int(flag) for flag in moe_layers(hf)]
-
-
-def num_experts(hf: PretrainedConfig) -> int:
-    return int(_get(hf, "num_experts", "num_local_experts", "n_routed_experts"))
-
-
-def head_dim(hf: PretrainedConfig) -> int:
-    if hf.model_type == "deepseek_v3":
-        return hf.hidden_size // hf.num_attention_heads
-    return int(_get(hf, "head_dim", default=hf.hidden_size // hf.num_attention_heads))
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary to a multiple of divisible_by·tp (``--make-vocab-size-divisible-by``)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
+    return [int(flag) for flag in hf_config.moe_layers(hf)]
 
 
 def transformer_config(
@@ -114,7 +56,7 @@ def transformer_config(
     pattern = moe_layer_pattern(hf)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     moe: dict[str, Any] = dict(
-        num_moe_experts=num_experts(hf),
+        num_moe_experts=hf_config.num_experts(hf),
         moe_router_topk=hf.num_experts_per_tok,
         moe_ffn_hidden_size=_get(hf, "moe_intermediate_size", "intermediate_size"),
         moe_layer_freq=pattern,
@@ -144,7 +86,7 @@ def transformer_config(
         ffn_hidden_size=hf.intermediate_size,
         num_attention_heads=hf.num_attention_heads,
         num_query_groups=hf.num_key_value_heads,
-        kv_channels=head_dim(hf),
+        kv_channels=hf_config.head_dim(hf),
         normalization="RMSNorm",
         layernorm_epsilon=hf.rms_norm_eps,
         qk_layernorm=family == "qwen3_moe",
@@ -254,13 +196,13 @@ def build_model(
     model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, use_te),
-        vocab_size=padded_vocab_size(hf.vocab_size, config.tensor_model_parallel_size),
+        vocab_size=hf_config.padded_vocab(hf.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=hf.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=bool(hf.tie_word_embeddings),
         position_embedding_type="rope",
-        rotary_base=rope_theta(hf),
+        rotary_base=hf_config.rope_theta(hf),
     )
     model.hf_config = hf
     return model.to(dtype)

@@ -11,6 +11,7 @@ import pickle
 import socket
 import time
 import traceback
+from dataclasses import dataclass
 from queue import Empty
 from typing import Any, Callable
 
@@ -51,6 +52,35 @@ def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, etp: int |
         expert_tensor_parallel_size=etp,
     )
     model_parallel_cuda_manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in Megatron's groups: sizes and ranks of TP (= SP), CP, DP and PP."""
+
+    tp: int
+    tp_rank: int
+    cp: int
+    cp_rank: int
+    dp: int
+    dp_rank: int
+    pp: int
+    pp_rank: int
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def ranks() -> Ranks:
+    """The :class:`Ranks` of this process, from ``parallel_state`` (after :func:`init_parallel`)."""
+    ps = parallel_state
+    return Ranks(
+        tp=ps.get_tensor_model_parallel_world_size(), tp_rank=ps.get_tensor_model_parallel_rank(),
+        cp=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
+        dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+        pp=ps.get_pipeline_model_parallel_world_size(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+    )
 
 
 def destroy_parallel() -> None:

@@ -4,7 +4,7 @@
 ``finalize_model_grads`` for DP all-reduce, SP/q-k norm all-reduce over TP, tied embeddings over PP).
 ``forward_backward`` runs the micro-batches through ``get_forward_backward_func`` (any PP schedule) with the
 policy loss; ``old_log_probs`` runs them forward only and returns each micro-batch's per-slot log-probs [t] (last
-pipeline stage; None elsewhere). ``train_step`` adds the optimizer step.
+pipeline stage; None elsewhere). ``build_optimizer`` makes Megatron's optimizer over the DDP model.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
+from megatron.core import optimizer as megatron_optimizer
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -37,6 +38,15 @@ def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     config.finalize_model_grads_func = _finalize_without_token_scaling
     config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def build_optimizer(ddp: DistributedDataParallel, *, lr: float, weight_decay: float, adam_beta1: float,
+                    adam_beta2: float, clip_grad: float) -> Any:
+    """Megatron's Adam (``get_megatron_optimizer``) over the DDP model's parameters, fp32 params."""
+    config = megatron_optimizer.OptimizerConfig(
+        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        clip_grad=clip_grad, params_dtype=torch.float32)
+    return megatron_optimizer.get_megatron_optimizer(config, [ddp])
 
 
 def _run(
@@ -81,10 +91,13 @@ def forward_backward(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]
 
 
 @torch.no_grad()
-def old_log_probs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch]) -> list[Optional[torch.Tensor]]:
-    """π_old per slot [t] for each micro-batch (forward only); None on stages other than the last."""
+def old_log_probs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch],
+                  temperature: float = 1.0) -> list[Optional[torch.Tensor]]:
+    """π_old per slot [t] (of logits / ``temperature``) for each micro-batch (forward only); None on stages other
+    than the last."""
     vocab = vocab_size_of(model)
-    out = _run(model, micro_batches, lambda mb, output: logprob_only(output, mb, vocab), forward_only=True)
+    out = _run(model, micro_batches, lambda mb, output: logprob_only(output, mb, vocab, temperature),
+               forward_only=True)
     if not parallel_state.is_pipeline_last_stage():
         return [None] * len(micro_batches)
     return [item["log_prob"] for item in out]

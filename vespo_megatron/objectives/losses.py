@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from vespo_megatron.metrics.vespo import sequence_metrics, to_floats, vespo_metrics
 from vespo_megatron.objectives.batch_terms import BatchTerms, compute_batch_terms
 from vespo_megatron.objectives.config import PolicyLossConfig
 from vespo_megatron.objectives.kernel import LogWTransform, phi, sequence_log_w, sign_parameters
+from vespo_megatron.objectives.metrics import sequence_metrics, to_floats, vespo_metrics
 from vespo_megatron.objectives.packed import PackedPolicyInput
 
 DEFAULT_CLIP = (0.2, 0.2)  # grpo and cispo (the fork's config)

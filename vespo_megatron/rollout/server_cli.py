@@ -11,7 +11,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "tokenizer in the directory, text input and the text output field work; without one it behaves "
                     "as SGLang's --skip-tokenizer-init (input_ids only).")
     parser.add_argument("--model-path", required=True, help="HF directory (save_pretrained output)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (loopback only by default)")
     parser.add_argument("--port", type=int, default=30000, help="port (0 = any free port)")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="engine dtype")
     parser.add_argument("--enable-return-routed-experts", action="store_true",
@@ -24,6 +24,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from vespo_megatron import preflight
+
+    preflight.hf_dir(args.model_path, "--model-path")
+    preflight.at_least(args.port, 0, "--port")
     from vespo_megatron.rollout.hf_engine import HFEngine
     from vespo_megatron.rollout.server import RolloutServer
 

@@ -14,6 +14,9 @@ trace entry (counted as fallen back) and every slot without a trace row (pads, t
 not counted). Routing those live keeps the routing of a model replaying its own trace identical to its live routing
 everywhere, so its log-probs are bit-identical (a filler routing of pads would change the experts' GEMM batches).
 
+R2 records with :class:`~vespo_megatron.routing.capture.RouterCapture` (forward hooks on the same routers) during the
+old-log-prob pass: the expert set of every micro-batch, by trace column, as compact ids on the router's device.
+
 Micro-batches: a forward pre-hook on each model chunk advances that chunk's micro-batch cursor (any PP schedule runs
 a chunk's forwards in micro-batch order). Activation recomputation re-runs routers inside backward: in a forward
 that tracks gradients, a router call with grad disabled (a checkpointed region) queues its target, and a call inside
@@ -33,17 +36,13 @@ import numpy as np
 import torch
 
 from vespo_megatron.routing.args import REPLAY_MODES
+from vespo_megatron.routing.capture import RouterCapture, in_backward
 from vespo_megatron.routing.health import ReplayHealth, differ_rows
 from vespo_megatron.routing.shard import LocalTrace
 from vespo_megatron.routing.trace import TraceSpec
 
 PHASES = ("old_logprob", "update")
 Routing = LocalTrace | np.ndarray  # a LocalTrace, or [T, num_moe_layers, k] with every trace column
-
-
-def _in_backward() -> bool:
-    """True inside an autograd backward pass (where activation recomputation re-runs the forward)."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def find_routers(chunk: torch.nn.Module) -> list[torch.nn.Module]:
@@ -74,12 +73,11 @@ class _RouterSlot:
 
     def __init__(self, column: int, num_experts: int, health: ReplayHealth) -> None:
         self.column, self.num_experts, self.health = column, num_experts, health
-        self.action: Optional[str] = None  # None (live), "record" or "replay"
+        self.action: Optional[str] = None  # None (live) or "replay"
         self.target: Optional[torch.Tensor] = None  # [T, k] int64 (any value on live rows)
         self.live_rows: Optional[torch.Tensor] = None  # [T] bool rows routed live, or None when there is none
         self.recompute: deque = deque()  # targets of checkpointed calls, for their recomputation in backward
         self.grad_forward = False  # this micro-batch's model forward tracks gradients (recomputation possible)
-        self.recorded: list[torch.Tensor] = []  # R2: [T, k] compact, one per micro-batch forward
 
     def set_target(self, target: torch.Tensor, live_rows: Optional[torch.Tensor]) -> None:
         self.target, self.live_rows = target, live_rows
@@ -100,12 +98,7 @@ class _RouterSlot:
         live = lambda: default_compute_topk(scores, topk, num_groups=num_groups, group_topk=group_topk)  # noqa: E731
         if self.action is None:
             return live()
-        backward = _in_backward()
-        if self.action == "record":
-            values, ids = live()
-            if not backward:
-                self.recorded.append(ids.detach().to(compact_dtype(self.num_experts)))
-            return values, ids
+        backward = in_backward()
         if backward:
             if not self.recompute:
                 raise RuntimeError(f"routing replay, trace column {self.column}: a recomputed router has no queued "
@@ -162,6 +155,9 @@ class RoutingReplay:
         self._originals: list[tuple[torch.nn.Module, Any]] = []
         self._hooks = []
         self.layer_columns: list[int] = []  # trace column of every local router, all chunks, in order
+        # r2: the old-log-prob pass records each router's experts ([T, k] compact ids per micro-batch, by column)
+        self._capture: Optional[RouterCapture] = None
+        self._recorded: dict[int, list[torch.Tensor]] = {}
         for routers_of_chunk in routers:
             slots = []
             for router in routers_of_chunk:
@@ -179,6 +175,9 @@ class RoutingReplay:
         self._cursor = [0] * len(self.chunks)
         if mode != "off":
             self._hooks = [chunk.register_forward_pre_hook(self._hook(ci)) for ci, chunk in enumerate(self.chunks)]
+        if mode == "r2":
+            self._capture = RouterCapture([r for rs in routers for r in rs], self.layer_columns,
+                                          dtype=compact_dtype(self.spec.num_experts), active=False)
 
     def _column(self, router: torch.nn.Module) -> int:
         hf_layer = router.layer_number - 1  # Megatron layer_number is global and 1-based, in HF layer order
@@ -195,7 +194,9 @@ class RoutingReplay:
             router.router_replay = original
         for hook in self._hooks:
             hook.remove()
-        self._originals, self._hooks = [], []
+        if self._capture is not None:
+            self._capture.remove()
+        self._originals, self._hooks, self._capture = [], [], None
 
     @contextlib.contextmanager
     def phase(
@@ -216,9 +217,10 @@ class RoutingReplay:
         for slots in self._slots:
             for slot in slots:
                 slot.clear()
-                slot.action = None if self.mode == "off" else "record" if recording else "replay"
-                if recording:
-                    slot.recorded = []
+                slot.action = None if self.mode == "off" or recording else "replay"
+        if recording:
+            self._capture.pop()
+            self._capture.active = True
         self._phase, self._routing, self._first = name, routing, first_micro
         self._cursor = [0] * len(self.chunks)
         try:
@@ -227,11 +229,14 @@ class RoutingReplay:
             for slots in self._slots:
                 for slot in slots:
                     slot.clear()
+            if recording:
+                self._capture.active = False
+                self._recorded = self._capture.pop()[0]
             self._phase, self._routing = None, None
 
     def _hook(self, chunk_index: int) -> Callable:
         def pre_forward(module: torch.nn.Module, args: Any) -> None:
-            if self._phase is None or _in_backward():
+            if self._phase is None or in_backward():
                 return  # outside a phase: live routing; inside backward: a recomputation, served by the queues
             micro = self._cursor[chunk_index]
             self._cursor[chunk_index] += 1
@@ -248,10 +253,11 @@ class RoutingReplay:
         if self.mode == "r2":
             micro += self._first
             for slot in slots:
-                if micro >= len(slot.recorded):
+                recorded = self._recorded.get(slot.column, [])
+                if micro >= len(recorded):
                     raise RuntimeError(f"r2: update micro-batch {micro} has no recording (the old-log-prob pass "
-                                       f"recorded {len(slot.recorded)})")
-                slot.set_target(slot.recorded[micro].long(), None)
+                                       f"recorded {len(recorded)})")
+                slot.set_target(recorded[micro].long(), None)
             rows = np.array([len(slot.target) for slot in slots])
             self.health.add_rows([slot.column for slot in slots], rows, np.zeros_like(rows))
             return

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+
+from vespo_megatron.megatron.checkpointing import load_model, save_model
 
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
@@ -40,7 +41,7 @@ def save(root: str | Path, iteration: int, version: int, model: torch.nn.Module,
     path = Path(root) / f"iter_{iteration:07d}"
     (path / "model").mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(path / "model"))
+    save_model(model, path / "model")
     torch.save({
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -78,11 +79,7 @@ def load(root: str | Path, model: torch.nn.Module, optimizer: Any, hf_config: An
     """Restore model, optimizer and RNG state in place; returns meta (iteration, version)."""
     meta = check_compatible(root, hf_config)
     path = latest(root)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(path / "model"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    real_missing = [k for k in missing if not k.endswith("_extra_state")]
-    if real_missing or unexpected:
-        raise ValueError(f"--load {path}: missing {real_missing[:5]}, unexpected {list(unexpected)[:5]}")
+    load_model(model, path / "model", what="--load")
     rank_state = torch.load(path / f"rank_{_rank()}.pt", weights_only=False)
     optimizer.load_state_dict(rank_state["optimizer"])
     torch.set_rng_state(rank_state["torch_rng"])

@@ -12,8 +12,47 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from vespo_megatron.errors import UsageError
+
 LOSSES = ("vespo", "vespo-lin", "vespo-sqrt", "grpo", "gspo", "sapo", "cispo")
 REPLAY = ("off", "r2", "r3")
+
+HELP: dict[str, str] = {
+    "hf_checkpoint": "HF directory (save_pretrained output): the model, its config and the engine's weights",
+    "sglang_url": "running SGLang server; default: start the CPU engine (SGLang protocol) in this process",
+    "engine_dtype": "dtype of the in-process CPU engine",
+    "weight_sync": "how weights reach the engine after each step",
+    "tensor_model_parallel_size": "tensor-parallel size (sequence parallel is on when > 1)",
+    "pipeline_model_parallel_size": "pipeline-parallel size",
+    "expert_model_parallel_size": "expert-parallel size",
+    "loss": "policy loss",
+    "loss_agg_mode": "loss aggregation",
+    "honour_agg_mode": "gspo/sapo use --loss-agg-mode instead of the official seq-mean-token-mean",
+    "official_aggregation": "normalise per micro-batch as the official code (default: exact global token-mean)",
+    "routing_replay": "MoE routing replay: off, r2 (record π_old's experts) or r3 (the rollout engine's experts)",
+    "rollout_batch_size": "prompts per step",
+    "n_samples_per_prompt": "responses per prompt (a GRPO group)",
+    "num_mini_batches": "N = optimizer steps per RL step (staleness N)",
+    "micro_batch_size": "samples per micro-batch",
+    "max_new_tokens": "response length limit",
+    "temperature": "sampling temperature; training log-probs are those of logits / temperature",
+    "lr": "learning rate",
+    "lr_warmup_steps": "linear warm-up steps of the learning rate",
+    "weight_decay": "Adam weight decay",
+    "adam_beta1": "Adam beta1",
+    "adam_beta2": "Adam beta2",
+    "clip_grad": "gradient-norm clipping",
+    "train_iters": "RL steps to run",
+    "seed": "random seed",
+    "async_rollout": "fully asynchronous rollouts (μ = the engine's log-probs)",
+    "max_lag": "largest policy lag of an asynchronous rollout",
+    "save": "checkpoint directory to save to",
+    "load": "checkpoint directory to resume from",
+    "save_interval": "save every N steps (0: only at the end)",
+    "log_dir": "TensorBoard / metrics.jsonl directory",
+    "wandb_project": "Weights & Biases project (off when unset)",
+    "task_symbols": "symbols of the synthetic repeat task",
+}
 
 
 @dataclass
@@ -27,6 +66,7 @@ class TrainConfig:
     expert_model_parallel_size: int = 1
     loss: str = "vespo"
     loss_agg_mode: str = "token-mean"
+    honour_agg_mode: bool = False
     official_aggregation: bool = False
     routing_replay: str = "off"
     rollout_batch_size: int = 8
@@ -58,34 +98,46 @@ class TrainConfig:
         return self.rollout_batch_size * self.n_samples_per_prompt
 
     def validate(self) -> "TrainConfig":
-        """Clear errors at start, before any work."""
+        """Clear errors at start, before any work (:class:`UsageError` naming the flag)."""
+        self.check_flags()
+        from vespo_megatron.objectives.config import PolicyLossConfig
+
+        try:
+            PolicyLossConfig.from_hparams(**self.hparams)  # unknown or out-of-range --loss-hparam fails here
+        except ValueError as err:
+            raise UsageError("--loss-hparam", str(err)) from err
+        return self
+
+    def check_flags(self) -> None:
+        """The checks of :meth:`validate` that need no import beyond the standard library."""
         if self.loss not in LOSSES:
-            raise ValueError(f"--loss: unknown policy loss {self.loss!r}; known: {', '.join(LOSSES)}")
+            raise UsageError("--loss", f"unknown policy loss {self.loss!r}; known: {', '.join(LOSSES)}")
         if self.routing_replay not in REPLAY:
-            raise ValueError(f"--routing-replay: unknown mode {self.routing_replay!r}; known: {', '.join(REPLAY)}")
+            raise UsageError("--routing-replay", f"unknown mode {self.routing_replay!r}; known: {', '.join(REPLAY)}")
         for name in ("rollout_batch_size", "n_samples_per_prompt", "num_mini_batches", "micro_batch_size",
                      "max_new_tokens", "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "expert_model_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+                raise UsageError(_flag(name), f"must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % self.num_mini_batches:
-            raise ValueError(f"--num-mini-batches {self.num_mini_batches} does not divide the global batch "
+            raise UsageError("--num-mini-batches", f"{self.num_mini_batches} does not divide the global batch "
                              f"{self.global_batch_size} (= rollout batch {self.rollout_batch_size} × "
                              f"{self.n_samples_per_prompt} samples per prompt)")
         if self.async_rollout and self.max_lag < 1:
-            raise ValueError(f"--max-lag: must be >= 1 in asynchronous mode, got {self.max_lag}")
+            raise UsageError("--max-lag", f"must be >= 1 in asynchronous mode, got {self.max_lag}")
         if self.weight_sync not in ("disk", "tensor"):
-            raise ValueError(f"--weight-sync: disk or tensor, got {self.weight_sync!r}")
+            raise UsageError("--weight-sync", f"disk or tensor, got {self.weight_sync!r}")
         if self.engine_dtype not in ("bf16", "fp32"):
-            raise ValueError(f"--engine-dtype: bf16 or fp32, got {self.engine_dtype!r}")
-        from vespo_megatron.objectives.config import PolicyLossConfig
-
-        PolicyLossConfig.from_hparams(**self.hparams)  # unknown or out-of-range --loss-hparam fails here
+            raise UsageError("--engine-dtype", f"bf16 or fp32, got {self.engine_dtype!r}")
         if not self.hf_checkpoint:
-            raise ValueError("--hf-checkpoint: required (a directory written by save_pretrained)")
-        if self.lr <= 0 or self.clip_grad <= 0:
-            raise ValueError("--lr and --clip-grad must be > 0")
-        return self
+            raise UsageError("--hf-checkpoint", "required (a directory written by save_pretrained)")
+        for name in ("lr", "clip_grad", "temperature"):
+            if not getattr(self, name) > 0:
+                raise UsageError(_flag(name), f"must be > 0, got {getattr(self, name)}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -94,17 +146,18 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "hparams":
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
+        flag, default, text = _flag(f.name), getattr(defaults, f.name), HELP[f.name]
         if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default)
+            parser.add_argument(flag, action="store_true", default=default, help=text)
         elif f.name == "loss":
-            parser.add_argument(flag, default=default, choices=LOSSES)
+            parser.add_argument(flag, default=default, choices=LOSSES, help=text)
         elif f.name == "routing_replay":
-            parser.add_argument(flag, default=default, choices=REPLAY)
+            parser.add_argument(flag, default=default, choices=REPLAY, help=text)
+        elif f.name == "hf_checkpoint":
+            parser.add_argument(flag, required=True, metavar="DIR", help=text)
         else:
             kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=default)
+            parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--loss-hparam", action="append", default=[], metavar="KEY=VALUE",
                         help="policy-loss hyper-parameter, e.g. k_pos=2.0 or clip_ratio_high=0.28 (repeatable)")
 
@@ -114,7 +167,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     hparams = {}
     for item in getattr(args, "loss_hparam", []):
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--loss-hparam: expected KEY=VALUE, got {item!r}")
-        hparams[key] = float(value)
-    return TrainConfig(**values, hparams=hparams).validate()
+        try:
+            if not sep:
+                raise ValueError
+            hparams[key] = float(value)
+        except ValueError:
+            raise UsageError("--loss-hparam", f"expected KEY=NUMBER, got {item!r}") from None
+    cfg = TrainConfig(**values, hparams=hparams)
+    cfg.check_flags()  # the rest of validate() runs in the launcher's preflight, after the path checks
+    return cfg

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,17 +18,19 @@ import torch
 
 from vespo_megatron.train.task import EOS, RepeatTask
 
+logger = logging.getLogger(__name__)
+
 STEPS = ("HF checkpoint", "convert HF -> Megatron", "rollout engine", "VESPO training (R3, EP2)", "mismatch report")
 
 
 def _say(i: int, what: str) -> None:
-    print(f"\n[{i}/{len(STEPS)}] {STEPS[i - 1]}: {what}", flush=True)
+    logger.info("[%d/%d] %s: %s", i, len(STEPS), STEPS[i - 1], what)
 
 
 def make_hf_checkpoint(path: Path, seed: int) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from vespo_megatron.megatron.model import tiny_hf_config
+    from vespo_megatron.hf_config import tiny_hf_config
 
     torch.manual_seed(seed)
     config = tiny_hf_config("qwen3_moe", vocab_size=32, initializer_range=0.2)
@@ -41,13 +44,14 @@ def run_demo(workdir: str | Path, steps: int = 4, nproc: int = 2, seed: int = 0)
 
     from vespo_megatron.convert.hf_to_mcore import HfToMcoreOptions, convert_hf_to_mcore
     from vespo_megatron.convert.mcore_to_hf import McoreToHfOptions, convert_mcore_to_hf
-    from vespo_megatron.convert.spec import load_hf_config
+    from vespo_megatron.hf_config import load_hf_config
     from vespo_megatron.rollout.hf_engine import HFEngine
     from vespo_megatron.rollout.server import RolloutServer
     from vespo_megatron.rollout.sglang import SGLangClient
     from vespo_megatron.train import checkpoint
     from vespo_megatron.train.config import TrainConfig
-    from vespo_megatron.train.mismatch import measure_mismatch, trace_spec
+    from vespo_megatron.mismatch.align import trace_spec
+    from vespo_megatron.mismatch.score import measure_mismatch
     from vespo_megatron.train.run import run_training
 
     hf_logging.disable_progress_bar()
@@ -80,5 +84,5 @@ def run_demo(workdir: str | Path, steps: int = 4, nproc: int = 2, seed: int = 0)
         records = client.generate(task.prompts(16, seed=seed + 999), {"max_new_tokens": 12, "stop_token_ids": [EOS]},
                                   samples_per_prompt=2, seed=seed, return_routed_experts=True)
         mismatch = measure_mismatch(work / "hf_trained", records, output_dir=work / "mismatch")
-    print(f"\ndemo finished in {time.time() - start:.0f} s; outputs in {work}", flush=True)
+    logger.info("demo finished in %.0f s; outputs in %s", time.time() - start, work)
     return {"history": history, "mismatch": mismatch}

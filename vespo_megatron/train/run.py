@@ -10,6 +10,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
+from vespo_megatron.errors import UsageError
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.logger import MetricsLogger
 
@@ -50,32 +51,42 @@ def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = 
     return history
 
 
-def preflight(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
-    """Every check that can fail before any work: config, HF checkpoint, resume checkpoint, engine, world size."""
-    from vespo_megatron.convert.spec import load_hf_config
-    from vespo_megatron.train import checkpoint
+def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoint: Optional[str] = None) -> None:
+    """Every check that can fail before any work (UsageError naming the flag): config, HF checkpoint, initial and
+    resume checkpoints, world size, engine."""
+    from vespo_megatron import preflight as check
+    from vespo_megatron.hf_config import HFConfigError, load_hf_config
 
-    cfg.validate()
-    hf = load_hf_config(cfg.hf_checkpoint)
-    if cfg.load:
-        checkpoint.check_compatible(cfg.load, hf)
+    cfg.check_flags()  # the cheap checks first: no torch or transformers import before a path error
+    check.hf_dir(cfg.hf_checkpoint, "--hf-checkpoint")
+    if mcore_checkpoint:
+        check.mcore_checkpoint(mcore_checkpoint, "--mcore-checkpoint")
     world = world_size or default_world_size(cfg)
     if world % default_world_size(cfg):
-        raise ValueError(f"--nproc {world} is not a multiple of pp·lcm(tp, ep) = {default_world_size(cfg)}")
+        raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp, ep) = {default_world_size(cfg)}")
     if cfg.sglang_url is not None:
-        from vespo_megatron.rollout.sglang import SGLangClient
+        check.reachable(cfg.sglang_url)
+    cfg.validate()
+    try:
+        hf = load_hf_config(cfg.hf_checkpoint)
+    except HFConfigError as err:
+        raise UsageError("--hf-checkpoint", str(err)) from err
+    if cfg.load:
+        from vespo_megatron.train import checkpoint
 
-        if not SGLangClient(cfg.sglang_url, timeout_s=5.0, max_retries=0).health():
-            raise ConnectionError(f"--sglang-url {cfg.sglang_url}: the rollout engine is unreachable or unhealthy")
+        try:
+            checkpoint.check_compatible(cfg.load, hf)
+        except (FileNotFoundError, ValueError) as err:
+            raise UsageError("--load", str(err).removeprefix("--load ")) from err
 
 
 def run_training(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoint: Optional[str] = None,
                  quiet: bool = False) -> list:
     """Start the engine if needed and train; returns rank 0's history [(iteration, metrics)]."""
-    preflight(cfg, world_size)
+    preflight(cfg, world_size, mcore_checkpoint)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun / srun
         if cfg.sglang_url is None:
-            raise ValueError("--sglang-url: required under torchrun/srun (start the rollout engine separately)")
+            raise UsageError("--sglang-url", "required under torchrun/srun (start the rollout engine separately)")
         return train_worker(int(os.environ["RANK"]), cfg, mcore_checkpoint, quiet)
     from transformers.utils import logging as hf_logging
 

@@ -14,8 +14,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "spawned on this machine.")
     add_train_args(parser)
     parser.add_argument("--mcore-checkpoint", default=None,
-                        help="initial weights from a Megatron torch_dist checkpoint (vespo-megatron convert hf-to-mcore)")
-    parser.add_argument("--nproc", type=int, default=None, help="local gloo ranks (default: pp·lcm(tp, ep))")
+                        metavar="DIR", help="initial weights from a Megatron torch_dist checkpoint (vespo-megatron convert "
+                             "hf-to-mcore); default: the HF checkpoint's weights")
+    parser.add_argument("--nproc", type=int, default=None, help="local gloo ranks; default: pp·lcm(tp, ep)")
     parser.set_defaults(func=run)
 
 

@@ -20,17 +20,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
-from megatron.core import optimizer as megatron_optimizer
 from safetensors import safe_open
 
 from vespo_megatron.convert.inmemory import hf_to_mcore_tensors, mcore_to_hf_tensors
-from vespo_megatron.convert.spec import load_hf_config, model_spec
+from vespo_megatron.convert.spec import model_spec
+from vespo_megatron.hf_config import load_hf_config, num_experts
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
+from vespo_megatron.megatron.checkpointing import load_model
 from vespo_megatron.megatron.loss import LossSettings
-from vespo_megatron.megatron.model import build_model, moe_layer_pattern, num_experts
-from vespo_megatron.megatron.parallel import init_parallel
-from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_ddp, zero_grads
+from vespo_megatron.megatron.model import build_model, moe_layer_pattern
+from vespo_megatron.megatron.parallel import init_parallel, ranks
+from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import grpo_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
@@ -77,17 +77,16 @@ class Trainer:
         self.spec = model_spec(self.hf)
         self.model = build_model(self.hf, dtype=torch.float32)
         if mcore_checkpoint:
-            state = dist_checkpointing.load(self.model.sharded_state_dict(), mcore_checkpoint)
-            self.model.load_state_dict(state, strict=False)
+            load_model(self.model, mcore_checkpoint, what="--mcore-checkpoint")
         else:
             load_global(self.model, dict(hf_to_mcore_tensors(self.spec, _hf_tensors_getter(cfg.hf_checkpoint))))
         self.ddp = wrap_ddp(self.model)
-        self.optimizer = megatron_optimizer.get_megatron_optimizer(megatron_optimizer.OptimizerConfig(
-            optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad, params_dtype=torch.float32), [self.ddp])
+        self.optimizer = build_optimizer(self.ddp, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
                                      exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
+                                     honour_agg_mode=cfg.honour_agg_mode, temperature=cfg.temperature,
                                      hparams=PolicyLossConfig.from_hparams(**cfg.hparams))
         pattern = moe_layer_pattern(self.hf)
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
@@ -125,8 +124,8 @@ class Trainer:
         samples = batch.samples(advantages)
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
         size = len(samples) // cfg.num_mini_batches
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        r = ranks()
+        dp, dp_rank, tp, tp_rank = r.dp, r.dp_rank, r.tp, r.tp_rank
         minis = []
         for k in range(cfg.num_mini_batches):
             chunk = samples[k * size:(k + 1) * size]
@@ -156,7 +155,7 @@ class Trainer:
         flat = [mb for mbs in minis for mb in mbs]
         if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
             with self._phase("old_logprob", flat):
-                olds = old_log_probs(self.ddp, flat)
+                olds = old_log_probs(self.ddp, flat, temperature=cfg.temperature)
             for mb, old in zip(flat, olds):
                 mb.old_log_prob = old
         metrics: list[dict] = []
@@ -189,7 +188,8 @@ class Trainer:
     def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
         """Step metrics: loss and entropy summed over every micro-batch and rank; the objective's metrics reduced by
         kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean over micro-batches)."""
-        report = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+        r = ranks()
+        report = r.last_stage and r.tp_rank == 0
         mine = [{k: float(v) for k, v in m.items()} for m in metrics] if report else []
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)

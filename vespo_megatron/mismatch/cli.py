@@ -6,13 +6,13 @@
 
 Rollouts are generated once (routing captured) by the SGLang server at --sglang-url, or by the CPU engine started in
 this process; the Megatron model of the same checkpoint scores them with replay off and on
-(:mod:`vespo_megatron.train.mismatch`). Prints the table; writes mismatch.json and PNG plots into --output-dir.
-Exit status: 0 done, 2 bad input. Only argparse and the standard library are imported here.
+(:mod:`vespo_megatron.mismatch.score`). Prints the table; writes mismatch.txt, mismatch.json and PNG plots into
+--output-dir. Exit status: 0 done, 2 bad input (one line naming the flag). Only argparse and the standard library
+are imported here.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -46,36 +46,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__.splitlines()[0]))
 
 
-def run(args: argparse.Namespace) -> int:
-    from vespo_megatron.convert.spec import load_hf_config
-    from vespo_megatron.metrics.report import JSON_NAME
-    from vespo_megatron.train import mismatch
+def check(args: argparse.Namespace) -> None:
+    """Every user error the flags can hold, before any engine or model starts (UsageError naming the flag)."""
+    from vespo_megatron import preflight
 
-    try:
-        hf = load_hf_config(args.hf_checkpoint)
-        spec = mismatch.trace_spec(hf)
-        prompts = (mismatch.read_prompts(args.prompts, hf.vocab_size) if args.prompts else
-                   mismatch.synthetic_prompts(args.num_prompts, args.prompt_len, hf.vocab_size, args.seed))
-        client = mismatch.rollout_client(args.hf_checkpoint, spec, sglang_url=args.sglang_url,
-                                         engine_dtype=args.engine_dtype, seed=args.seed)
-        records = client.generate(prompts, {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature},
-                                  samples_per_prompt=args.n_samples_per_prompt, seed=args.seed,
-                                  return_routed_experts=True)
-        mismatch.measure_mismatch(
-            args.hf_checkpoint, records, train_dtype=args.train_dtype, temperature=args.temperature,
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            expert_model_parallel_size=args.expert_model_parallel_size, micro_batch_size=args.micro_batch_size,
-            output_dir=args.output_dir)
-    except ValueError as err:  # bad input, including the converter's ConversionError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    preflight.hf_dir(args.hf_checkpoint, "--hf-checkpoint")
+    if args.prompts:
+        preflight.existing_file(args.prompts, "--prompts")
+    for flag in ("num_prompts", "prompt_len", "n_samples_per_prompt", "max_new_tokens", "tensor_model_parallel_size",
+                 "expert_model_parallel_size", "micro_batch_size"):
+        preflight.at_least(getattr(args, flag), 1, "--" + flag.replace("_", "-"))
+    preflight.positive(args.temperature, "--temperature")
+    if args.sglang_url:
+        preflight.reachable(args.sglang_url)
+
+
+def run(args: argparse.Namespace) -> int:
+    check(args)
+    from vespo_megatron.hf_config import load_hf_config
+    from vespo_megatron.mismatch import inputs
+    from vespo_megatron.mismatch.align import trace_spec
+    from vespo_megatron.mismatch.report import JSON_NAME, format_table
+    from vespo_megatron.mismatch.score import measure_mismatch
+
+    hf = load_hf_config(args.hf_checkpoint)
+    spec = trace_spec(hf)
+    prompts = (inputs.read_prompts(args.prompts, hf.vocab_size) if args.prompts else
+               inputs.synthetic_prompts(args.num_prompts, args.prompt_len, hf.vocab_size, args.seed))
+    client = inputs.rollout_client(args.hf_checkpoint, spec, sglang_url=args.sglang_url,
+                                   engine_dtype=args.engine_dtype, seed=args.seed)
+    records = client.generate(prompts, {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature},
+                              samples_per_prompt=args.n_samples_per_prompt, seed=args.seed,
+                              return_routed_experts=True)
+    columns = measure_mismatch(
+        args.hf_checkpoint, records, train_dtype=args.train_dtype, temperature=args.temperature,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size, micro_batch_size=args.micro_batch_size,
+        output_dir=args.output_dir)
+    print(format_table(columns), flush=True)
     print(f"wrote {Path(args.output_dir) / JSON_NAME} and the plots", flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``tools/measure_mismatch.py``): the ``mismatch`` sub-command's arguments."""
-    parser = argparse.ArgumentParser(prog="measure_mismatch", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return int(args.func(args))

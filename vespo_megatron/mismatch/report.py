@@ -1,27 +1,32 @@
-"""Side-by-side report of mismatch metrics for several runs (columns, e.g. "replay off" / "replay on").
+"""The mismatch tool's report: metrics of several training passes (columns, e.g. "replay off" / "replay on") side by
+side.
 
 columns: {column name: metrics dict from mismatch_metrics} — each metric a float or a list of floats (per layer).
 samples: {column name: MismatchSamples} — Δ [num_tokens] and logW [num_seqs] for the histograms (optional).
-Outputs: a plain-text table, a JSON file (the columns dict itself) and PNG plots (matplotlib, Agg canvas).
+Outputs: a plain-text table (``mismatch.txt``), a JSON file (the columns dict itself) and PNG plots (matplotlib, Agg
+canvas). The formulas are :mod:`vespo_megatron.metrics.mismatch`; the alignment :mod:`vespo_megatron.mismatch.align`.
 """
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from vespo_megatron.metrics.mismatch import ROUTING_LAYER_KEY, MismatchSamples
+from vespo_megatron.metrics.mismatch import ROUTING_LAYER_KEY, MismatchSamples, mismatch_metrics, mismatch_samples
+from vespo_megatron.mismatch.align import TrainSide, align
+from vespo_megatron.rollout.records import RolloutRecord
+from vespo_megatron.routing.trace import TraceSpec
 
 Metric = float | list[float]
 Columns = Mapping[str, Mapping[str, Metric]]
 
 JSON_NAME = "mismatch.json"
+TABLE_NAME = "mismatch.txt"
 DELTA_PLOT = "delta_hist.png"
 LOG_W_PLOT = "log_w_hist.png"
 ROUTING_PLOT = "routing_layers.png"
@@ -146,8 +151,30 @@ def write_plots(columns: Columns, out_dir: str | Path,
     return paths
 
 
-def write_report(columns: Columns, out_dir: str | Path, samples: Mapping[str, MismatchSamples] | None = None,
-                 stream: TextIO | None = None) -> list[Path]:
-    """Print the table to stream (default stdout), write the JSON and the plots; return the written paths."""
-    print(format_table(columns), file=stream or sys.stdout)
-    return [write_json(columns, out_dir), *write_plots(columns, out_dir, samples)]
+def write_report(columns: Columns, out_dir: str | Path,
+                 samples: Mapping[str, MismatchSamples] | None = None) -> list[Path]:
+    """Write the table (``mismatch.txt``), the JSON and the plots into ``out_dir``; return the written paths."""
+    table = Path(out_dir) / TABLE_NAME
+    json_path = write_json(columns, out_dir)  # validates the columns and creates out_dir
+    table.write_text(format_table(columns) + "\n")
+    return [table, json_path, *write_plots(columns, out_dir, samples)]
+
+
+def column_metrics(records: Sequence[RolloutRecord], side: TrainSide,
+                   spec: TraceSpec) -> tuple[dict[str, Any], MismatchSamples]:
+    """Every mismatch metric of one training pass against the rollout, and the Δ / logW samples for the plots."""
+    a = align(records, side, spec)
+    metrics = mismatch_metrics(a.logp_train, a.logp_rollout, a.seq_ids, experts_train=a.experts_train,
+                               experts_rollout=a.experts_rollout)
+    return metrics, mismatch_samples(a.logp_train, a.logp_rollout, a.seq_ids)
+
+
+def report(records: Sequence[RolloutRecord], sides: Mapping[str, TrainSide], spec: TraceSpec,
+           output_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Metrics of each named pass (columns); with ``output_dir``, also the table, the JSON and the plots there."""
+    columns, samples = {}, {}
+    for name, side in sides.items():
+        columns[name], samples[name] = column_metrics(records, side, spec)
+    if output_dir is not None:
+        write_report(columns, output_dir, samples)
+    return columns
