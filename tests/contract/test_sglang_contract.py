@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.contract import sglang_release as release
-from vespo_megatron.megatron.model import moe_layer_pattern, num_experts, tiny_hf_config
+from vespo_megatron.hf_config import moe_layers, num_experts, tiny_hf_config
 from vespo_megatron.rollout import server as stand_in
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
@@ -26,7 +26,7 @@ from vespo_megatron.rollout.sglang import SGLangClient, SGLangEngineClient
 from vespo_megatron.routing.trace import TraceSpec
 
 CONFIG = tiny_hf_config("qwen3_moe", mlp_only_layers=[1])
-SPEC = TraceSpec.from_layer_pattern(moe_layer_pattern(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)
+SPEC = TraceSpec.from_layer_pattern(moe_layers(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)
 _ROWS = np.zeros((3 + 2 - 1, CONFIG.num_hidden_layers, 2), "<i4")  # prompt 3 + output 2 − 1 rows
 _ROWS[:, list(SPEC.moe_layers)] = [0, 1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.megatron.model import moe_layer_pattern, num_experts, tiny_hf_config
+from vespo_megatron.hf_config import moe_layers, num_experts, tiny_hf_config
 from vespo_megatron.rollout.engines import EnginePool
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
@@ -21,7 +21,7 @@ from vespo_megatron.routing.trace import TraceSpec
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CONFIG = tiny_hf_config("qwen3_moe", mlp_only_layers=[2])
-SPEC = TraceSpec.from_layer_pattern(moe_layer_pattern(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)
+SPEC = TraceSpec.from_layer_pattern(moe_layers(CONFIG), num_experts(CONFIG), CONFIG.num_experts_per_tok)
 PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 256, size=3 + i % 5)] for i in range(6)]
 PROBE = [9, 1, 250, 33, 33, 7, 120, 64, 5]
 BUCKET = 96 << 10  # several buckets for the tiny model

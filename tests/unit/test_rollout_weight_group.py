@@ -112,7 +112,7 @@ def test_shards_are_bounded_and_indexed(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from vespo_megatron.megatron.model import tiny_hf_config
+    from vespo_megatron.hf_config import tiny_hf_config
 
     config = tiny_hf_config("qwen3_moe")
     model = AutoModelForCausalLM.from_config(config)
