@@ -59,7 +59,8 @@ def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
             ) -> Iterator[tuple[list[tuple[str, torch.Tensor]], bool]]:
     """Group a stream into (bucket, is_last) with sum(nbytes) <= ``bucket_bytes`` (a larger tensor goes alone).
 
-    One tensor is looked ahead (to know which bucket is the last), so at most one bucket + one tensor are held.
+    One tensor is looked ahead (to know which bucket is the last), so at most one bucket + one tensor are held
+    when the consumer empties each bucket (``bucket.clear()``) before asking for the next.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
@@ -89,6 +90,7 @@ def write_shards(named_tensors: Iterable[tuple[str, torch.Tensor]], directory: s
         save_file({name: t.detach().cpu().contiguous() for name, t in bucket}, directory / filename,
                   metadata={"format": "pt"})
         weight_map.update({name: filename for name, _ in bucket})
+        bucket.clear()  # written: free it before the next shard is gathered
     return weight_map
 
 
@@ -176,6 +178,7 @@ class DistributedSync:
         sent = 0
         for bucket, last in buckets(named_tensors, self.bucket_bytes):
             sent += self._push_bucket(bucket, version if last else None)
+            bucket.clear()  # sent: free it before the next one is gathered
         if not sent:  # nothing to send: only the version moves
             self.engines.on_all(lambda c: c.update_weight_version(version), "update_weight_version")
         self.engines.on_all(lambda c: c.continue_generation(), "continue_generation")
