@@ -252,6 +252,16 @@ class SGLangClient(_ClientBase):
             raise RolloutError(f"{self.name}: model_info has no weight_version: {str(info)[:200]}")
         return info["weight_version"]
 
+    def serves_distributed_update(self) -> bool:
+        """Whether the server has POST /update_weights_from_distributed: a GET answers 405 there (the route exists
+        for another method), 404 on a server without it. One attempt, no retries."""
+        try:
+            status = self._session().get(self.base_url + "/update_weights_from_distributed",
+                                         timeout=self.timeout_s).status_code
+        except _RETRIABLE:
+            return False
+        return status == 405
+
     def tp_size(self) -> int:
         """Tensor-parallel ranks of the server (``tp_size`` of /server_info, server_args.py resolved_dict)."""
         return int(self.get_server_info().get("tp_size", 1))

@@ -115,6 +115,16 @@ def _dtype_size(handle: Any, key: str) -> int:
     return sizes[handle.get_slice(key).get_dtype()]
 
 
+def master_address(engine_urls: Iterable[str]) -> str:
+    """The address the engines reach training rank 0 at: loopback when every engine is local, else this host's."""
+    from urllib.parse import urlparse
+
+    local = {"127.0.0.1", "localhost", "::1"}
+    if all(urlparse(url).hostname in local for url in engine_urls):
+        return "127.0.0.1"
+    return socket.gethostbyname(socket.gethostname())
+
+
 def free_port(address: str) -> int:
     """A port free on ``address`` now (the trainer binds it for the group's rendezvous right after)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -1,17 +1,20 @@
 """The RL loop on every rank: rollouts -> rewards -> GRPO advantages -> packer -> old log-probs -> N updates -> sync.
 
-Rank 0 talks to the rollout engine (an SGLang server, or our CPU engine behind the same protocol) and broadcasts
+Rank 0 talks to the rollout engines (SGLang servers, or our CPU engine behind the same protocol) and broadcasts
 each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) into label-aligned
 micro-batches of its TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
 optimizer step normalised by its own response-token count (exact global token-mean). Routing replay: ``r2``
 records π_old's experts in the old-log-prob pass and replays them in the updates; ``r3`` replays the engine's.
-After the N updates the Megatron weights go to the engine (converter's in-memory Megatron -> HF path) and the
-engine's weight version is checked.
+After the N updates the Megatron weights go to every engine (converter's in-memory Megatron -> HF path; by default
+broadcast in buckets over a process group the engines joined) and the engines' weight version is checked; before
+each step an engine that does not hold the current version (restarted, or left paused by an interrupted sync) is
+found and the weights are pushed again.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +45,9 @@ from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 from vespo_megatron.train.task import EOS, RepeatTask
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,13 +102,14 @@ class Trainer:
             self.iteration, self.version = meta["iteration"], meta["version"]
         self.rank = dist.get_rank()
         self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
-        self.client = self.source = None
+        self.client = self.source = self.sync = None
         self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
         if self.rank == 0:
-            from vespo_megatron.rollout.sglang import SGLangClient
+            from vespo_megatron.rollout.engines import EnginePool
 
-            self.client = SGLangClient(cfg.sglang_url, routing=self.trace_spec)
+            self.client = EnginePool(cfg.sglang_url, routing=self.trace_spec)
             self.client.wait_until_healthy(timeout_s=120)
+            self.sync = self._weight_sync()
         self.sync_weights()  # the engine starts from the (possibly resumed) training weights
         if self.rank == 0:
             sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
@@ -149,6 +156,7 @@ class Trainer:
 
     def step(self) -> StepResult:
         cfg, it = self.cfg, self.iteration
+        self.ensure_engines()
         batch = self._broadcast(self.source.get(it, self.version) if self.rank == 0 else None)
         advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
         minis = self._mini_batches(batch, advantages)
@@ -221,10 +229,28 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------------------------------- weights, saving
-    def sync_weights(self) -> None:
-        """Megatron -> HF names -> engine (disk or tensor update), then check the engine's weight version.
+    def _weight_sync(self) -> Any:
+        """Rank 0: the DistributedSync of ``--weight-sync distributed`` (``auto``: when every engine serves it)."""
+        from vespo_megatron.rollout.weight_sync import DistributedSync, master_address
 
-        The global tensors stream one key at a time to rank 0 (``iter_global``), which converts and sends them."""
+        cfg = self.cfg
+        mode = cfg.weight_sync
+        if mode == "auto":
+            mode = "distributed" if all(self.client.on_all(lambda c: c.serves_distributed_update(),
+                                                           "route check")) else "disk"
+        self.weight_sync_mode = mode
+        if mode != "distributed":
+            return None
+        address = cfg.weight_sync_master_addr or master_address([c.base_url for c in self.client.clients])
+        return DistributedSync(self.client, address, backend="nccl" if torch.cuda.is_available() else "gloo",
+                               bucket_bytes=cfg.weight_sync_bucket_mb << 20)
+
+    def sync_weights(self, repush: bool = False) -> None:
+        """Megatron -> HF names -> every engine, then check the engines' weight version.
+
+        The global tensors stream one key at a time to rank 0 (``iter_global``), which converts and sends them
+        (distributed: in buckets, so rank 0 holds one bucket + one tensor). ``repush``: rebuild the weight-update
+        group first (an engine restarted)."""
         from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 
         stream = iter_global(self.model)
@@ -233,9 +259,26 @@ class Trainer:
                 pass
             return
         version = f"v{self.version}"
-        push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.cfg.weight_sync,
-                     hf_config=self.hf, staging_dir=self._staging)
+        if repush and self.sync is not None:
+            self.sync.reset()
+        push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.weight_sync_mode,
+                     hf_config=self.hf, staging_dir=self._staging, sync=self.sync,
+                     shard_bytes=self.cfg.weight_sync_bucket_mb << 20)
         verify_weights(self.client, version=version)
+
+    def ensure_engines(self) -> list[str]:
+        """Every rank: find engines without the current weight version (rank 0 asks them) and push again if any.
+
+        Returns the stale engines' URLs (empty on ranks > 0 and when all are current)."""
+        stale = [c.base_url for c in self.client.stale(f"v{self.version}")] if self.rank == 0 else []
+        flag = torch.tensor([len(stale)], dtype=torch.int64)
+        dist.broadcast(flag, src=0)
+        if int(flag):
+            if self.rank == 0:
+                logger.warning("engines %s do not hold weight version v%d: pushing the weights again", stale,
+                               self.version)
+            self.sync_weights(repush=True)
+        return stale
 
     def save(self) -> None:
         checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf)
@@ -243,5 +286,7 @@ class Trainer:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        if self.sync is not None:
+            self.sync.close()
         if self.replay is not None:
             self.replay.remove()
