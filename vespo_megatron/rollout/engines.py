@@ -30,7 +30,10 @@ class EnginePool(_ClientBase):
         super().__init__(routing, require_deterministic)
         self.clients = [SGLangClient(url, routing=routing, require_deterministic=require_deterministic,
                                      **client_kwargs) for url in urls]
-        self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="engines")
+        # generation and control (pause, weights, versions) never wait for each other's threads: a paused engine
+        # holds generate requests until continue_generation, which must not queue behind them
+        self._generation = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="engines-generate")
+        self._control = ThreadPoolExecutor(max_workers=2 * len(self.clients), thread_name_prefix="engines-control")
 
     @classmethod
     def of(cls, clients: Sequence[SGLangClient]) -> "EnginePool":
@@ -47,8 +50,8 @@ class EnginePool(_ClientBase):
     def on_all(self, call: Callable[[SGLangClient], Any], what: str,
                clients: Sequence[SGLangClient] | None = None) -> list[Any]:
         """``call(client)`` on every engine (or ``clients``) at once; RolloutError naming each engine that failed."""
-        return self._gather([(c, self._pool.submit(call, c)) for c in (self.clients if clients is None else clients)],
-                            what)
+        return self._gather([(c, self._control.submit(call, c))
+                             for c in (self.clients if clients is None else clients)], what)
 
     def _gather(self, futures: list[tuple[SGLangClient, Any]], what: str) -> list[Any]:
         results, failed = [], []
@@ -64,8 +67,8 @@ class EnginePool(_ClientBase):
     def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
         count = len(self.clients)
         shares = [(e, samples[e::count]) for e in range(count) if samples[e::count]]
-        answers = self._gather([(self.clients[e], self._pool.submit(self.clients[e]._generate_samples, share, extra))
-                                for e, share in shares], "generate")
+        answers = self._gather([(self.clients[e], self._generation.submit(self.clients[e]._generate_samples, share,
+                                                                          extra)) for e, share in shares], "generate")
         out: list[Any] = [None] * len(samples)
         for (e, _), answer in zip(shares, answers):
             out[e::count] = answer
@@ -116,4 +119,5 @@ class EnginePool(_ClientBase):
         self.on_all(lambda c: c.update_weight_version(new_version), "update_weight_version")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._generation.shutdown(wait=False)
+        self._control.shutdown(wait=False)

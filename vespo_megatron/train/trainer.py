@@ -1,8 +1,8 @@
 """The RL loop on every rank: rollouts -> rewards -> GRPO advantages -> packer -> old log-probs -> N updates -> sync.
 
-Rank 0 talks to the rollout engines (SGLang servers, or our CPU engine behind the same protocol) and broadcasts
-each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) into label-aligned
-micro-batches of its TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
+Rank 0 talks to the rollout engines (SGLang servers, or our CPU engine behind the same protocol), plans the step and
+sends every rank only its own share (delivery.py: its data-parallel samples, its SP slice of its stage's routing
+trace); every rank packs its share into label-aligned micro-batches of its TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
 optimizer step normalised by its own response-token count (exact global token-mean). Routing replay: ``r2``
 records π_old's experts in the old-log-prob pass and replays them in the updates; ``r3`` replays the engine's.
 After the N updates the Megatron weights go to every engine (converter's in-memory Megatron -> HF path; by default
@@ -37,12 +37,12 @@ from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import grpo_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.packing import pack, plan_micro_batches
+from vespo_megatron.packing import pack
 from vespo_megatron.routing.replay import RoutingReplay
-from vespo_megatron.routing.shard import batch_shard
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 from vespo_megatron.train.task import EOS, RepeatTask
 
@@ -101,6 +101,9 @@ class Trainer:
             meta = checkpoint.load(cfg.load, self.model, self.optimizer, self.hf)
             self.iteration, self.version = meta["iteration"], meta["version"]
         self.rank = dist.get_rank()
+        r = ranks()
+        columns = tuple(self.replay.layer_columns) if self.replay is not None else ()
+        self.delivery = BatchDelivery(RankPlace(r.dp_rank, r.tp_rank, columns), self.hf.num_experts_per_tok)
         self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
         self.client = self.source = self.sync = None
         self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
@@ -121,34 +124,31 @@ class Trainer:
                            if cfg.async_rollout else SyncRollouts(produce))
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _broadcast(self, batch: Optional[RolloutBatch]) -> RolloutBatch:
-        box = [batch]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _mini_batches(self, batch: RolloutBatch, advantages: np.ndarray) -> list[list[MicroBatch]]:
-        cfg = self.cfg
+    def _shares(self, batch: RolloutBatch) -> list[list[MiniShare]]:
+        """Rank 0: every rank's share of the step (index = rank), advantages computed once here."""
+        cfg, r = self.cfg, ranks()
+        advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
         samples = batch.samples(advantages)
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
-        size = len(samples) // cfg.num_mini_batches
+        return [plan_shares(samples, trace, cfg.num_mini_batches, r.dp, r.tp, cfg.micro_batch_size, place)
+                for place in self.delivery.places]
+
+    def _mini_batches(self, minis: list[MiniShare]) -> list[list[MicroBatch]]:
+        """This rank's share -> its micro-batches of each mini-batch (packed here, routing slice attached)."""
         r = ranks()
-        dp, dp_rank, tp, tp_rank = r.dp, r.dp_rank, r.tp, r.tp_rank
-        minis = []
-        for k in range(cfg.num_mini_batches):
-            chunk = samples[k * size:(k + 1) * size]
-            lens = [len(s.prompt) + len(s.response) for s in chunk]
-            plan = plan_micro_batches(lens, dp, micro_batch_size=max(1, cfg.micro_batch_size))
-            tokens = float(sum(len(s.response) for s in chunk))
+        out = []
+        for mini in minis:
             mbs = []
-            for ids in plan.micro_batches[dp_rank]:
-                packed = pack([chunk[i] for i in ids], cp=1, sp=tp, sample_ids=[k * size + i for i in ids])
-                mb = micro_batch(packed, 0, tp_rank)
-                mb.global_tokens, mb.global_seqs = tokens, float(len(chunk))
-                if trace is not None:  # this rank's SP slice of its stage's MoE layers; pads route live
-                    mb.routing = batch_shard(trace, packed, 0, tp_rank, self.replay.layer_columns)
+            for micro in mini.micros:
+                packed = pack(micro.samples, cp=1, sp=r.tp)
+                mb = micro_batch(packed, 0, r.tp_rank)
+                mb.global_tokens, mb.global_seqs = mini.global_tokens, mini.global_seqs
+                if micro.routing is not None:  # this rank's SP slice of its stage's MoE layers; pads route live
+                    mb.routing = local_routing(micro.routing, micro.samples, packed, r.tp_rank,
+                                               self.replay.layer_columns, self.trace_spec.num_experts)
                 mbs.append(mb)
-            minis.append(mbs)
-        return minis
+            out.append(mbs)
+        return out
 
     def _lr(self) -> float:
         warm = self.cfg.lr_warmup_steps
@@ -157,9 +157,8 @@ class Trainer:
     def step(self) -> StepResult:
         cfg, it = self.cfg, self.iteration
         self.ensure_engines()
-        batch = self._broadcast(self.source.get(it, self.version) if self.rank == 0 else None)
-        advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
-        minis = self._mini_batches(batch, advantages)
+        batch = self.source.get(it, self.version) if self.rank == 0 else None
+        minis = self._mini_batches(self.delivery.scatter(self._shares(batch) if self.rank == 0 else None))
         flat = [mb for mbs in minis for mb in mbs]
         if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
             with self._phase("old_logprob", flat):
@@ -193,9 +192,11 @@ class Trainer:
         # r2: the old-log-prob pass recorded every micro-batch of the step; update k replays from its offset
         return self.replay.phase(name, None, first_micro=offset) if name == "update" else self.replay.phase(name)
 
-    def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
+    def _reduce_metrics(self, batch: Optional[RolloutBatch], metrics: list[dict],
+                        grad_norms: list[float]) -> dict[str, float]:
         """Step metrics: loss and entropy summed over every micro-batch and rank; the objective's metrics reduced by
-        kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean over micro-batches)."""
+        kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean over micro-batches). The batch's own figures
+        (reward, response length, policy lag) on rank 0, which holds the batch."""
         r = ranks()
         report = r.last_stage and r.tp_rank == 0
         mine = [{k: float(v) for k, v in m.items()} for m in metrics] if report else []
@@ -206,12 +207,13 @@ class Trainer:
         out = {
             "loss": sum(m["loss"] for m in rows) / self.cfg.num_mini_batches,
             "entropy": sum(m["entropy_sum"] for m in rows) / max(tokens, 1.0),
-            "reward_mean": float(np.mean(batch.rewards)),
-            "response_len_mean": float(np.mean([len(r.response_ids) for r in batch.records])),
             "grad_norm": float(np.mean(grad_norms)),
             "lr": self._lr(),
-            "policy_lag": float(self.version - 1 - batch.version),
         }
+        if batch is not None:
+            out.update(reward_mean=float(np.mean(batch.rewards)),
+                       response_len_mean=float(np.mean([len(r.response_ids) for r in batch.records])),
+                       policy_lag=float(self.version - 1 - batch.version))
         for key in (rows[0] if rows else {}):
             if key in ("loss", "entropy_sum", "response_tokens"):
                 continue
@@ -288,5 +290,7 @@ class Trainer:
             self.source.close()
         if self.sync is not None:
             self.sync.close()
+        if self.client is not None:
+            self.client.close()
         if self.replay is not None:
             self.replay.remove()
