@@ -72,3 +72,18 @@ def test_two_engines_distributed_sync_and_a_restart(hf_dir):
             assert [it for it, _ in history] == [0]
             assert fresh.versions == ["v0", "v1"] and engines[0].weight_version == "v1"
             assert fresh.weights_checksum() == engines[0].weights_checksum()
+
+
+def test_disk_sync_writes_shards_from_every_owning_rank(hf_dir):
+    from pathlib import Path
+
+    engine = _engine(hf_dir)
+    with RolloutServer(engine) as server:
+        cfg = TrainConfig(hf_checkpoint=hf_dir, sglang_url=[server.url], rollout_batch_size=4, n_samples_per_prompt=2,
+                          num_mini_batches=2, micro_batch_size=2, max_new_tokens=4, train_iters=1, engine_dtype="fp32",
+                          expert_model_parallel_size=2, weight_sync="disk", weight_sync_bucket_mb=1)
+        history = run_training(cfg, world_size=2, quiet=True)
+        assert [it for it, _ in history] == [0] and engine.weight_version == "v1"
+        files = sorted(p.name for p in Path(engine.model_path).glob("*.safetensors"))
+        assert {name.split("-")[1] for name in files} == {"rank00000", "rank00001"}  # each rank wrote its keys
+        assert (Path(engine.model_path) / "model.safetensors.index.json").is_file()

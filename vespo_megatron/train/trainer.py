@@ -106,7 +106,10 @@ class Trainer:
         self.delivery = BatchDelivery(RankPlace(r.dp_rank, r.tp_rank, columns), self.hf.num_experts_per_tok)
         self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
         self.client = self.source = self.sync = None
-        self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
+        # one staging directory for every rank (the disk sync writes shards from each owning rank)
+        box = [tempfile.mkdtemp(prefix="vespo-weights-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        self._staging = box[0]
         if self.rank == 0:
             from vespo_megatron.rollout.engines import EnginePool
 
@@ -255,6 +258,10 @@ class Trainer:
         group first (an engine restarted)."""
         from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 
+        mode = [getattr(self, "weight_sync_mode", None)]
+        dist.broadcast_object_list(mode, src=0)
+        if mode[0] == "disk":
+            return self._sync_disk(repush)
         stream = iter_global(self.model)
         if self.rank != 0:
             for _ in stream:  # every rank takes part in each key's gather
@@ -266,6 +273,25 @@ class Trainer:
         push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.weight_sync_mode,
                      hf_config=self.hf, staging_dir=self._staging, sync=self.sync,
                      shard_bytes=self.cfg.weight_sync_bucket_mb << 20)
+        verify_weights(self.client, version=version)
+
+    def _sync_disk(self, repush: bool) -> None:
+        """Every rank assembles every world_size-th key, converts it and writes its own safetensors shards; rank 0
+        writes config + index over all ranks' shards and asks the engines to load the directory."""
+        from vespo_megatron.rollout.weight_sync import verify_weights, write_index, write_shards
+
+        world = dist.get_world_size()
+        mine = ((key, tensor) for key, tensor in iter_global(self.model, owner=lambda i: i % world)
+                if tensor is not None)
+        weight_map = write_shards(mcore_to_hf_tensors(self.spec, mine), self._staging, f"model-rank{self.rank:05d}",
+                                  self.cfg.weight_sync_bucket_mb << 20)
+        maps: list = [None] * world
+        dist.all_gather_object(maps, weight_map)
+        if self.rank != 0:
+            return
+        version = f"v{self.version}"
+        merged = {name: file for rank_map in maps for name, file in rank_map.items()}
+        self.client.update_weights_from_disk(str(write_index(self._staging, merged, self.hf)), weight_version=version)
         verify_weights(self.client, version=version)
 
     def ensure_engines(self) -> list[str]:
