@@ -165,3 +165,19 @@ def test_seeds_are_ignored_without_deterministic_inference():
     params = {"max_new_tokens": 12, "sampling_seed": 4, "ignore_eos": True}
     runs = {tuple(engine.generate(PROMPTS[0], params)["output_ids"]) for _ in range(3)}
     assert len(runs) > 1  # as SGLang without --enable-deterministic-inference: the seed does not fix the sample
+
+
+def test_text_in_and_out_with_a_tokenizer():
+    # with a tokenizer the release accepts text and answers a `text` field (tokenizer_manager.py:2667-2669)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    engine = HFEngine.from_model(_model("qwen3_moe"), dtype="fp32", tokenizer=tokenizer)
+    out = engine.generate(prompt="t3 t17 t99", sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+    assert out["meta_info"]["prompt_tokens"] == 3
+    assert out["text"] == tokenizer.decode(out["output_ids"], skip_special_tokens=True) and out["text"]
+    assert engine.get_server_info()["skip_tokenizer_init"] is False
+    assert "text" not in HFEngine.from_model(_model("qwen3_moe"), dtype="fp32").generate([1, 2], {"max_new_tokens": 1})
