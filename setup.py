@@ -30,6 +30,8 @@ setup(
         "tqdm",
         "matplotlib",
         "requests",
+        "datasets",  # prompt datasets: jsonl, parquet, save_to_disk directories
+        "math-verify",  # the math reward: answer extraction and equivalence
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "hypothesis", "tensorboard"],

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import re
 import sys
 import warnings
 
+from vespo_megatron import logs
+
 # Megatron-Core and torch.distributed warn about optional GPU packages and deprecations on every import, also in
 # the spawned ranks; the CLI hides them unless PYTHONWARNINGS asks otherwise.
 QUIET = "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # sub-command -> module that defines add_parser(); the order is the order shown in --help.
 SUBCOMMANDS: dict[str, str] = {
@@ -34,7 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-class UserInputError(Exception):
+class UserInputError(ValueError):
     """argparse's own complaint about the command line, as (flag, what)."""
 
     def __init__(self, prog: str, flag: str, what: str) -> None:
@@ -57,6 +57,9 @@ def _flag_and_what(message: str) -> tuple[str, str]:
     argument = re.match(r"argument ([^:]+): (.*)", message, re.S)
     if argument:
         return argument.group(1).split("/")[0], argument.group(2)
+    unknown = re.match(r"unrecognized arguments: (\S+)", message)
+    if unknown:
+        return unknown.group(1), "unrecognized argument"
     return "arguments", message
 
 
@@ -78,7 +81,7 @@ def finish(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for node in _walk(parser):
         node.formatter_class = argparse.ArgumentDefaultsHelpFormatter
         if _is_leaf(node) and not any(a.dest == "debug" for a in node._actions):
-            node.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging level")
+            node.add_argument("--log-level", choices=logs.LEVELS, default="info", help="logging level")
             node.add_argument("--debug", action="store_true", help="show the traceback of a failure")
             node.set_defaults(prog=node.prog)
     return parser
@@ -93,14 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in SUBCOMMANDS.items():
         importlib.import_module(module).add_parser(sub)
     return finish(parser)
-
-
-def configure_logging(level: str) -> None:
-    """Handlers of the command line: records on stderr, one line each; ``level`` for vespo_megatron's loggers,
-    warnings only from other packages (megatron-core logs at INFO) unless the level is debug."""
-    logging.basicConfig(level=logging.DEBUG if level == "debug" else logging.WARNING,
-                        format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr, force=True)
-    logging.getLogger("vespo_megatron").setLevel(getattr(logging, level.upper()))
 
 
 def _fail(prog: str, message: str) -> None:
@@ -147,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    configure_logging(args.log_level)
+    logs.configure(args.log_level)
     return run_command(args, args.prog)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from vespo_megatron.errors import UsageError
 from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.run import preflight, run_training
@@ -48,7 +49,7 @@ def test_resume_reproduces_the_next_step(hf_dir, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(loss="ppo2"), "--loss: unknown policy loss 'ppo2'"),
     (dict(routing_replay="r4"), "--routing-replay: unknown mode 'r4'"),
-    (dict(num_mini_batches=3), "--num-mini-batches 3 does not divide the global batch 8"),
+    (dict(num_mini_batches=3), "--num-mini-batches: 3 does not divide the global batch 8"),
     (dict(async_rollout=True, max_lag=0), "--max-lag: must be >= 1"),
     (dict(hf_checkpoint=""), "--hf-checkpoint: required"),
 ])
@@ -67,7 +68,7 @@ def test_checkpoint_of_another_model_fails_at_start(hf_dir, tmp_path):
 def test_unreachable_engine_fails_at_start(hf_dir):
     from vespo_megatron.megatron.parallel import free_port
 
-    with pytest.raises(ConnectionError, match="unreachable"):
+    with pytest.raises(UsageError, match="--sglang-url: .* the rollout engine is unreachable"):
         preflight(_cfg(hf_dir, sglang_url=f"http://127.0.0.1:{free_port()}"))
 
 

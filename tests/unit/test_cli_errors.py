@@ -47,34 +47,33 @@ def dirs(tmp_path):
     return tmp_path
 
 
-# (command line with {tmp} for the fixture folder, command as printed, flag named, what, light: no torch import)
+# (command line with {tmp} for the fixture folder, command as printed, flag named, what)
 CASES = [
-    ("train", "train", "--hf-checkpoint", "required", True),
-    ("train --hf-checkpoint {tmp}/missing", "train", "--hf-checkpoint", "no such directory", True),
-    ("train --hf-checkpoint {tmp}/hf --lr -1", "train", "--lr", "must be > 0", True),
-    ("train --hf-checkpoint {tmp}/hf --loss nope", "train", "--loss", "invalid choice", True),
-    ("train --hf-checkpoint {tmp}/hf --micro-batch-size abc", "train", "--micro-batch-size", "invalid int", True),
-    ("train --hf-checkpoint {tmp}/hf --bogus 1", "train", "--bogus", "unrecognized argument", True),
+    ("train", "train", "--hf-checkpoint", "required"),
+    ("train --hf-checkpoint {tmp}/missing", "train", "--hf-checkpoint", "no such directory"),
+    ("train --hf-checkpoint {tmp}/hf --lr -1", "train", "--lr", "must be > 0"),
+    ("train --hf-checkpoint {tmp}/hf --loss nope", "train", "--loss", "invalid choice"),
+    ("train --hf-checkpoint {tmp}/hf --micro-batch-size abc", "train", "--micro-batch-size", "invalid int"),
+    ("train --hf-checkpoint {tmp}/hf --bogus 1", "train", "--bogus", "unrecognized argument"),
     ("train --hf-checkpoint {tmp}/hf --sglang-url http://127.0.0.1:{port}", "train", "--sglang-url",
-     "unreachable", True),
+     "unreachable"),
     ("train --hf-checkpoint {tmp}/hf --mcore-checkpoint {tmp}/not_a_checkpoint", "train", "--mcore-checkpoint",
-     "not a Megatron distributed checkpoint", True),
-    ("train --hf-checkpoint {tmp}/hf --num-mini-batches 3", "train", "--num-mini-batches", "does not divide", True),
-    ("train --hf-checkpoint {tmp}/hf --loss-hparam k_pos=-1", "train", "--loss-hparam", "must be >= 0", False),
-    ("convert hf-to-mcore {tmp}/missing {tmp}/out", "convert hf-to-mcore", "HF_DIR", "no such directory", True),
-    ("convert mcore-to-hf {tmp}/missing {tmp}/out", "convert mcore-to-hf", "MCORE_DIR", "no such directory", True),
-    ("mismatch --hf-checkpoint {tmp}/not_hf --output-dir {tmp}/o", "mismatch", "--hf-checkpoint", "no config.json",
-     True),
-    ("mismatch --hf-checkpoint {tmp}/hf", "mismatch", "--output-dir", "required", True),
+     "not a Megatron distributed checkpoint"),
+    ("train --hf-checkpoint {tmp}/hf --num-mini-batches 3", "train", "--num-mini-batches", "does not divide"),
+    ("train --hf-checkpoint {tmp}/hf --loss-hparam k_pos=-1", "train", "--loss-hparam", "must be >= 0"),
+    ("convert hf-to-mcore {tmp}/missing {tmp}/out", "convert hf-to-mcore", "HF_DIR", "no such directory"),
+    ("convert mcore-to-hf {tmp}/missing {tmp}/out", "convert mcore-to-hf", "MCORE_DIR", "no such directory"),
+    ("mismatch --hf-checkpoint {tmp}/not_hf --output-dir {tmp}/o", "mismatch", "--hf-checkpoint", "no config.json"),
+    ("mismatch --hf-checkpoint {tmp}/hf", "mismatch", "--output-dir", "required"),
     ("mismatch --hf-checkpoint {tmp}/hf --output-dir {tmp}/o --temperature 0", "mismatch", "--temperature",
-     "must be > 0", True),
-    ("serve --model-path {tmp}/missing", "serve", "--model-path", "no such directory", True),
-    ("demo --workdir {tmp}/busy", "demo", "--workdir", "not empty", True),
+     "must be > 0"),
+    ("serve --model-path {tmp}/missing", "serve", "--model-path", "no such directory"),
+    ("demo --workdir {tmp}/busy", "demo", "--workdir", "not empty"),
 ]
 
 
-@pytest.mark.parametrize("line, command, flag, what, light", CASES, ids=[c[0].split(" {")[0] + f" {c[2]}" for c in CASES])
-def test_user_error_is_one_line_exit_2_without_traceback(dirs, line, command, flag, what, light):
+@pytest.mark.parametrize("line, command, flag, what", CASES, ids=[c[0].split(" {")[0] + f" {c[2]}" for c in CASES])
+def test_user_error_is_one_line_exit_2_without_traceback(dirs, line, command, flag, what):
     result, stderr = _run(line.format(tmp=dirs, port=_closed_port()).split())
     lines = [text for text in stderr.splitlines() if text.strip()]
     assert result["status"] == 2, stderr
@@ -82,8 +81,7 @@ def test_user_error_is_one_line_exit_2_without_traceback(dirs, line, command, fl
     assert re.fullmatch(rf"vespo-megatron {command}: error: {re.escape(flag)}: .*{re.escape(what)}.*", lines[0]), lines
     assert "Traceback" not in stderr
     assert result["seconds"] < 5.0, result
-    if light:
-        assert result["heavy"] == [], f"{line}: imported {result['heavy']} before reporting the error"
+    assert result["heavy"] == [], f"{line}: imported {result['heavy']} before reporting the error"
 
 
 def test_debug_shows_the_traceback(dirs):

@@ -9,8 +9,6 @@ script of the folder. The train flags are also checked against the paper's setup
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import re
 import shlex
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from vespo_megatron.cli import build_parser
+from vespo_megatron.cli import UserInputError, build_parser
 from vespo_megatron.train.config import config_from_args
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qwen3_30b_a3b"
@@ -115,13 +113,11 @@ def invocations(text: str, arrays_: dict[str, list[str]], name: str) -> list[lis
 
 
 def parse(argv: list[str], where: str) -> argparse.Namespace:
-    """The real CLI parser on ``argv``; a rejection raises ValueError with argparse's message."""
-    err = io.StringIO()
+    """The real CLI parser on ``argv``; a rejection raises ValueError with the one-line message (flag: what)."""
     try:
-        with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
-    except SystemExit:
-        raise ValueError(f"{where}: `{PROGRAM} {shlex.join(argv)}` rejected: {err.getvalue().strip()}") from None
+        return build_parser().parse_args(argv)
+    except UserInputError as err:
+        raise ValueError(f"{where}: `{PROGRAM} {shlex.join(argv)}` rejected: {err}") from None
 
 
 @pytest.fixture(scope="module")
@@ -161,11 +157,12 @@ def test_conversion_dry_run_comes_first(example_arrays):
 
 
 @pytest.mark.parametrize("line,match", [
-    ('vespo-megatron convert hf-to-mcore \\\n  "$HF_DIR" "$MCORE_DIR" --tpp "$TP"\n', "unrecognized arguments: --tpp"),
+    ('vespo-megatron convert hf-to-mcore \\\n  "$HF_DIR" "$MCORE_DIR" --tpp "$TP"\n', "--tpp: unrecognized argument"),
     ("vespo-megatron train --routing-replay r4 --lr 1e-6  # replay mode that does not exist\n", "invalid choice: 'r4'"),
-    ("vespo-megatron convert verify $HF_DIR\n", "the following arguments are required: B"),
-    ('ARGS=(\n  --lr 1e-6\n  --no-such-flag 1\n)\ntorchrun --no-python vespo-megatron train "${ARGS[@]}"\n',
-     "unrecognized arguments: --no-such-flag 1"),
+    ("vespo-megatron convert verify $HF_DIR\n", "B: required"),
+    ('ARGS=(\n  --lr 1e-6\n  --no-such-flag 1\n)\ntorchrun --no-python vespo-megatron train --hf-checkpoint "$HF_DIR" '
+     '"${ARGS[@]}"\n',
+     "--no-such-flag: unrecognized argument"),
     ("vespo-megatron train --hf-checkpoint $HF_DRI\n", r"\$HF_DRI has no test value"),
     ('vespo-megatron train "${MISSING[@]}"\n', "array MISSING is not assigned"),
 ])
@@ -179,7 +176,7 @@ def test_every_real_invocation_rejects_an_unknown_flag(example_arrays):
     invocations_ = all_invocations(example_arrays)
     assert invocations_
     for name, argv in invocations_:
-        with pytest.raises(ValueError, match="unrecognized arguments: --not-a-flag"):
+        with pytest.raises(ValueError, match="--not-a-flag: unrecognized argument"):
             parse([*argv, "--not-a-flag"], name)
 
 

@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from vespo_megatron import logs
 from vespo_megatron.megatron import compat
 
 
@@ -83,6 +84,13 @@ def ranks() -> Ranks:
     )
 
 
+def loss_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Megatron's tensor-parallel group (the vocabulary shards of the logits) and context-parallel group."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("Megatron's model-parallel groups are not initialised (initialize_model_parallel)")
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_context_parallel_group()
+
+
 def destroy_parallel() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -102,6 +110,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
     )
     torch.set_num_threads(1)
+    logs.configure_from_env()
     try:
         compat.install()
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)

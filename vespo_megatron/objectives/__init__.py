@@ -1,33 +1,34 @@
 """Policy objectives of vespo-megatron: the VESPO loss, its baselines and ablations (pure torch).
 
-The public API is :mod:`vespo_megatron.objectives.policy_loss` (``compute_policy_loss``, ``packed_policy_loss``);
-the kernel φ(W) is :mod:`~.kernel`, the loss registry :mod:`~.losses`, aggregation :mod:`~.aggregate`, advantages
-:mod:`~.advantages`. The names below are re-exported for convenience.
+The public API is :mod:`vespo_megatron.objectives.policy_loss` (``compute_policy_loss``, ``packed_policy_loss``,
+``assemble_policy_loss``); the kernel φ(W) is :mod:`~.kernel`, the loss registry :mod:`~.losses`, aggregation
+:mod:`~.aggregate`, advantages :mod:`~.advantages`, hyper-parameters :mod:`~.config`. The names below are
+re-exported lazily, so that importing a torch-free submodule (``config``) does not import torch.
 """
-from vespo_megatron.objectives.advantages import grpo_advantages
-from vespo_megatron.objectives.aggregate import AGG_MODES, aggregate_loss
-from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.objectives.losses import POLICY_LOSSES, PolicyLossOutput
-from vespo_megatron.objectives.packed import PackedPolicyInput, SeqSum, identity_seq_sum
-from vespo_megatron.objectives.policy_loss import (
-    assemble_policy_loss,
-    compute_policy_loss,
-    effective_agg_mode,
-    packed_policy_loss,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AGG_MODES",
-    "POLICY_LOSSES",
-    "PackedPolicyInput",
-    "PolicyLossConfig",
-    "PolicyLossOutput",
-    "SeqSum",
-    "aggregate_loss",
-    "assemble_policy_loss",
-    "compute_policy_loss",
-    "effective_agg_mode",
-    "grpo_advantages",
-    "identity_seq_sum",
-    "packed_policy_loss",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AGG_MODES": "aggregate",
+    "aggregate_loss": "aggregate",
+    "grpo_advantages": "advantages",
+    "PolicyLossConfig": "config",
+    "POLICY_LOSSES": "losses",
+    "PolicyLossOutput": "losses",
+    "PackedPolicyInput": "packed",
+    "SeqSum": "packed",
+    "identity_seq_sum": "packed",
+    "assemble_policy_loss": "policy_loss",
+    "compute_policy_loss": "policy_loss",
+    "effective_agg_mode": "policy_loss",
+    "packed_policy_loss": "policy_loss",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

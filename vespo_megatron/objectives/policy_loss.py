@@ -34,7 +34,7 @@ losses) or sequence (vespo*, gspo) gets weight 0, and loss and gradients stay fi
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -62,17 +62,21 @@ def assemble_policy_loss(
     global_num_seqs: float | None = None,
     loss_scale_factor: float | None = None,
     honour_agg_mode: bool = False,
+    aggregate: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """THE assembly of a policy loss, used by every path (pure API, Megatron loss, integrations).
 
     Registry loss ``name`` on ``inp`` with hyper-parameters ``cfg`` -> per-token loss [num_tokens], then aggregation
-    in :func:`effective_agg_mode` with the given global normalisers (None: this call's own).
+    in :func:`effective_agg_mode` with the given global normalisers (None: this call's own), or by the caller's own
+    normaliser ``aggregate`` of the per-token loss [num_tokens] (a framework's, e.g. slime's sum_of_sample_mean).
 
     Returns:
         (scalar loss carrying the gradient of ``inp.log_prob``, float metrics).
     """
     mode = effective_agg_mode(name, loss_agg_mode, honour_agg_mode)
     out = get_policy_loss(name).fn(inp, cfg)
+    if aggregate is not None:
+        return aggregate(out.token_loss), out.metrics
     loss = aggregate_loss(out.token_loss, inp.seq_ids, out.seq_token_counts, mode,
                           global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
                           loss_scale_factor=loss_scale_factor)

@@ -2,8 +2,8 @@
 data position (the next iteration and policy version), so a resumed run reproduces the uninterrupted one.
 
 Layout of ``<dir>/iter_<n>/``: ``model/`` (torch_dist), ``rank_<r>.pt`` (optimizer state, torch/numpy/python RNG),
-``meta.json`` (iteration, version, the model's HF architecture fields). ``<dir>/latest`` names the newest iteration;
-it is written last, so an interrupted save is never picked up.
+``meta.json`` (iteration, version, the model's HF architecture fields, the prompt source's position).
+``<dir>/latest`` names the newest iteration; it is written last, so an interrupted save is never picked up.
 """
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def _barrier() -> None:
 
 
 def save(root: str | Path, iteration: int, version: int, model: torch.nn.Module, optimizer: Any,
-         hf_config: Any) -> Path:
-    """Write ``root/iter_<iteration>`` on every rank, then point ``root/latest`` at it."""
+         hf_config: Any, data_state: dict[str, Any] | None = None) -> Path:
+    """Write ``root/iter_<iteration>`` on every rank, then point ``root/latest`` at it; ``data_state`` is the prompt
+    source's position after the last trained batch."""
     path = Path(root) / f"iter_{iteration:07d}"
     (path / "model").mkdir(parents=True, exist_ok=True)
     _barrier()
@@ -50,7 +51,8 @@ def save(root: str | Path, iteration: int, version: int, model: torch.nn.Module,
     }, path / f"rank_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"iteration": iteration, "version": version, "architecture": architecture(hf_config)}
+        meta = {"iteration": iteration, "version": version, "architecture": architecture(hf_config),
+                "data": data_state}
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         (Path(root) / "latest").write_text(path.name)
     _barrier()

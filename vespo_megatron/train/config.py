@@ -42,8 +42,12 @@ HELP: dict[str, str] = {
     "n_samples_per_prompt": "responses per prompt (a GRPO group)",
     "num_mini_batches": "N = optimizer steps per RL step (staleness N)",
     "micro_batch_size": "samples per micro-batch",
-    "max_new_tokens": "response length limit",
-    "temperature": "sampling temperature; training log-probs are those of logits / temperature",
+    "max_new_tokens": "response length limit in tokens (alias --max-new-tokens)",
+    "temperature": "sampling temperature; training log-probs are those of logits / temperature (alias --temperature)",
+    "rollout_top_p": "nucleus sampling: keep the most likely tokens up to this probability mass",
+    "rollout_top_k": "sample among the k most likely tokens (-1: all)",
+    "rollout_stop": "stop string (repeatable; needs a server that detokenises, e.g. SGLang)",
+    "rollout_stop_token_ids": "extra stop token ids, besides the model's EOS (generation_config.json, tokenizer)",
     "lr": "learning rate",
     "lr_warmup_steps": "linear warm-up steps of the learning rate",
     "weight_decay": "Adam weight decay",
@@ -59,8 +63,31 @@ HELP: dict[str, str] = {
     "save_interval": "save every N steps (0: only at the end)",
     "log_dir": "TensorBoard / metrics.jsonl directory",
     "wandb_project": "Weights & Biases project (off when unset)",
-    "task_symbols": "symbols of the synthetic repeat task",
+    "task_symbols": "symbols of the synthetic repeat task (used without --prompt-data)",
+    "prompt_data": "prompt file: .jsonl, .parquet or a datasets save_to_disk directory (default: the synthetic task)",
+    "input_key": "column of the prompt: text or chat messages [{role, content}]",
+    "label_key": "column of the label handed to the reward (dotted path into nested columns allowed)",
+    "metadata_key": "column of per-row metadata (a dict or a JSON string) handed to the reward",
+    "apply_chat_template": "render prompts with the tokenizer's chat template (with the generation prompt)",
+    "tokenizer": "tokenizer directory (default: --hf-checkpoint)",
+    "rollout_shuffle": "shuffle the prompts, anew each epoch",
+    "max_prompt_len": "drop (and count) prompts longer than this many tokens",
+    "prompt_data_bad_rows": "a bad row (missing key, empty prompt, undecodable): error, or skip and count",
+    "reward": "registered reward: math, dapo, exact, repeat (default: repeat without --prompt-data)",
+    "custom_reward_path": "user reward module:function or file.py:function (one sample -> float or {score})",
+    "reward_errors": "a reward that raises: raise, or zero (counted in reward/errors)",
+    "advantage_estimator": "grpo, dr-grpo (no std normalisation), rloo or reinforce++-baseline",
+    "dynamic_sampling": "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts",
+    "dynamic_sampling_max_rounds": "generation rounds per step at most with --dynamic-sampling",
+    "eval_prompt_data": "NAME PATH of an eval set, read with the --input-key/--label-key/... of training (repeatable)",
+    "eval_interval": "evaluate every N steps (0: never)",
+    "n_samples_per_eval_prompt": "responses per eval prompt (pass@n is logged when > 1)",
+    "eval_greedy": "greedy decoding for evaluation (default: the rollout sampling settings)",
 }
+ALIASES = {"max_new_tokens": ("--rollout-max-response-len", "--max-new-tokens"),
+           "temperature": ("--rollout-temperature", "--temperature")}
+REWARD_ERRORS = ("raise", "zero")
+ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++-baseline")
 
 
 @dataclass
@@ -100,7 +127,30 @@ class TrainConfig:
     save_interval: int = 0
     log_dir: Optional[str] = None
     wandb_project: Optional[str] = None
+    rollout_top_p: float = 1.0
+    rollout_top_k: int = -1
+    rollout_stop: list[str] = field(default_factory=list)
+    rollout_stop_token_ids: list[int] = field(default_factory=list)
     task_symbols: int = 8
+    prompt_data: Optional[str] = None
+    input_key: str = "prompt"
+    label_key: Optional[str] = None
+    metadata_key: Optional[str] = None
+    apply_chat_template: bool = False
+    tokenizer: Optional[str] = None
+    rollout_shuffle: bool = False
+    max_prompt_len: Optional[int] = None
+    prompt_data_bad_rows: str = "error"
+    reward: Optional[str] = None
+    custom_reward_path: Optional[str] = None
+    reward_errors: str = "raise"
+    advantage_estimator: str = "grpo"
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 8
+    eval_prompt_data: list[list[str]] = field(default_factory=list)
+    eval_interval: int = 0
+    n_samples_per_eval_prompt: int = 1
+    eval_greedy: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -152,6 +202,44 @@ class TrainConfig:
         for name in ("lr", "clip_grad", "temperature"):
             if not getattr(self, name) > 0:
                 raise UsageError(_flag(name), f"must be > 0, got {getattr(self, name)}")
+        self._check_data_flags()
+
+    def _check_data_flags(self) -> None:
+        """Data, reward, advantage, generation and evaluation flags (the files are checked in the preflight)."""
+        if not 0 < self.rollout_top_p <= 1:
+            raise UsageError("--rollout-top-p", f"must be in (0, 1], got {self.rollout_top_p}")
+        if self.rollout_top_k != -1 and self.rollout_top_k < 1:
+            raise UsageError("--rollout-top-k", f"-1 (all tokens) or >= 1, got {self.rollout_top_k}")
+        if any(t < 0 for t in self.rollout_stop_token_ids):
+            raise UsageError("--rollout-stop-token-ids", f"ids must be >= 0, got {self.rollout_stop_token_ids}")
+        if self.prompt_data_bad_rows not in ("error", "skip"):
+            raise UsageError("--prompt-data-bad-rows", f"error or skip, got {self.prompt_data_bad_rows!r}")
+        if self.max_prompt_len is not None and self.max_prompt_len < 1:
+            raise UsageError("--max-prompt-len", f"must be >= 1, got {self.max_prompt_len}")
+        if self.reward_errors not in REWARD_ERRORS:
+            raise UsageError("--reward-errors", f"raise or zero, got {self.reward_errors!r}")
+        if self.advantage_estimator not in ESTIMATORS:
+            raise UsageError("--advantage-estimator", f"unknown estimator {self.advantage_estimator!r}; known: "
+                             f"{', '.join(ESTIMATORS)}")
+        if self.dynamic_sampling_max_rounds < 1:
+            raise UsageError("--dynamic-sampling-max-rounds", f"must be >= 1, got {self.dynamic_sampling_max_rounds}")
+        if self.rollout_stop and self.sglang_url is None:
+            raise UsageError("--rollout-stop", "stop strings need a server that detokenises (--sglang-url); the CPU "
+                             "engine has no tokenizer: use --rollout-stop-token-ids")
+        if self.prompt_data and not (self.reward or self.custom_reward_path):
+            raise UsageError("--reward", "required with --prompt-data (or --custom-reward-path module:function)")
+        if self.apply_chat_template and not self.prompt_data:
+            raise UsageError("--apply-chat-template", "applies to --prompt-data prompts; none given")
+        names = [name for name, _ in self.eval_prompt_data]
+        if len(set(names)) != len(names):
+            raise UsageError("--eval-prompt-data", f"eval set names must be unique, got {names}")
+        if self.eval_prompt_data and not self.prompt_data:
+            raise UsageError("--eval-prompt-data", "evaluation needs --prompt-data (the keys and the tokenizer)")
+        if self.eval_interval < 0 or self.n_samples_per_eval_prompt < 1:
+            raise UsageError("--eval-interval" if self.eval_interval < 0 else "--n-samples-per-eval-prompt",
+                             "must be >= 0 (interval) and >= 1 (samples)")
+        if self.eval_prompt_data and not self.eval_interval:
+            raise UsageError("--eval-interval", "set it (> 0) to evaluate the --eval-prompt-data sets")
 
 
 def _flag(name: str) -> str:
@@ -165,8 +253,19 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         if f.name == "hparams":
             continue
         flag, default, text = _flag(f.name), getattr(defaults, f.name), HELP[f.name]
-        if isinstance(default, bool):
+        if f.name in ALIASES:
+            parser.add_argument(*ALIASES[f.name], dest=f.name, type=type(default), default=default, help=text)
+        elif isinstance(default, bool):
             parser.add_argument(flag, action="store_true", default=default, help=text)
+        elif f.name == "eval_prompt_data":
+            parser.add_argument(flag, nargs=2, action="append", default=[], metavar=("NAME", "PATH"), help=text)
+        elif f.name in ("rollout_stop", "rollout_stop_token_ids"):
+            parser.add_argument(flag, action="append", default=[], help=text,
+                                type=int if f.name.endswith("ids") else str)
+        elif f.name in ("max_prompt_len",):
+            parser.add_argument(flag, type=int, default=default, help=text)
+        elif f.name == "advantage_estimator":
+            parser.add_argument(flag, default=default, choices=ESTIMATORS, help=text)
         elif f.name == "loss":
             parser.add_argument(flag, default=default, choices=LOSSES, help=text)
         elif f.name == "routing_replay":

@@ -30,8 +30,9 @@ class MetricsLogger:
 
     @staticmethod
     def line(step: int, metrics: dict[str, float]) -> str:
-        shown = " ".join(f"{k.split('/')[-1] if k.startswith('vespo/') else k}={metrics[k]:.4g}"
-                         for k in SHOWN if k in metrics)
+        keys = [k for k in SHOWN if k in metrics] + [k for k in metrics if k.startswith("eval/")
+                                                     and k.endswith(("/mean_reward", "/pass@1"))]
+        shown = " ".join(f"{k.split('/')[-1] if k.startswith('vespo/') else k}={metrics[k]:.4g}" for k in keys)
         return f"step {step:4d} | {shown}"
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

@@ -1,19 +1,24 @@
 """Where a training step's rollouts come from: synchronous (generated at the current policy) or fully asynchronous
 (a producer thread generates ahead, at most ``max_lag`` policy versions behind the trainer).
 
-A :class:`RolloutBatch` is the global batch of one step: prompt-major records (``n`` samples per prompt), the rewards
-of the task and the policy version whose weights the engine held when generation started.
+A :class:`RolloutBatch` is the global batch of one step: prompt-major records (``n`` samples per prompt), their
+rewards, the policy version whose weights the engine held when generation started, and the prompt source's state
+after its prompts were drawn (what a checkpoint stores, so that a resumed run continues with the next unseen prompt
+even when asynchronous batches were generated ahead).
 """
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+import torch
 
+from vespo_megatron.objectives.advantages import varying_groups
 from vespo_megatron.packing.sample import Sample
+from vespo_megatron.rewards import Reward, reward_samples, score_samples
 from vespo_megatron.rollout.records import RolloutRecord
 from vespo_megatron.routing.trace import PackedTrace, TraceSpec
 from vespo_megatron.routing.trace import pack as pack_trace
@@ -26,6 +31,8 @@ class RolloutBatch:
     records: list[RolloutRecord]
     rewards: np.ndarray  # [gbs]
     group_ids: list[int]  # [gbs] prompt index of each sample
+    metrics: dict[str, float] = field(default_factory=dict)  # reward extras, dynamic sampling, data epoch
+    data_state: Optional[dict[str, Any]] = None  # the prompt source's state after this batch's prompts
 
     def samples(self, advantages: np.ndarray) -> list[Sample]:
         """Packer samples (tokens, rollout log-probs, advantage), in batch order."""
@@ -111,16 +118,53 @@ class AsyncRollouts:
         self._thread.join(timeout=60)
 
 
-def make_producer(client: Any, task: Any, *, rollout_batch_size: int, n: int, sampling: dict[str, Any], seed: int,
-                  routing: bool) -> Produce:
-    """Produce(iteration, version): prompts of the task (seeded by iteration) -> engine -> rewards."""
+def make_producer(client: Any, prompts: Any, reward: Reward, *, rollout_batch_size: int, n: int,
+                  sampling: dict[str, Any], seed: int, routing: bool, tokenizer: Optional[Any] = None,
+                  reward_errors: str = "raise", dynamic_sampling: bool = False, max_rounds: int = 1) -> Produce:
+    """Produce(iteration, version): prompts -> engine -> rewards (-> dynamic sampling) -> a batch.
+
+    ``prompts`` is a prompt source (``take(n)``, ``state_dict()``, ``epoch``). With ``dynamic_sampling`` a round of
+    ``rollout_batch_size`` prompts is generated and groups whose rewards are all equal are dropped, until the batch
+    has ``rollout_batch_size`` groups (the surplus of the last round is dropped too) or ``max_rounds`` rounds ran
+    (an error). Batch metrics: reward extras and errors, ``dynamic_sampling/{dropped_groups,rounds}``, ``data/epoch``.
+    """
 
     def produce(iteration: int, version: int) -> RolloutBatch:
-        prompts = task.prompts(rollout_batch_size, seed=seed * 100_003 + iteration)
-        records = client.generate(prompts, sampling, samples_per_prompt=n, seed=seed + iteration,
-                                  return_routed_experts=routing, rid_prefix=f"it{iteration}")
-        rewards = task.rewards([r.prompt_ids for r in records], [r.response_ids for r in records])
+        records: list[RolloutRecord] = []
+        rewards: list[float] = []
+        extras: dict[str, list[float]] = {}
+        errors = dropped = rounds = 0
+        while len(records) < rollout_batch_size * n:
+            if rounds == max_rounds:
+                raise RuntimeError(
+                    f"iteration {iteration}: dynamic sampling kept {len(records) // n} of {rollout_batch_size} groups "
+                    f"in {rounds} rounds (every other group had equal rewards); raise --dynamic-sampling-max-rounds")
+            drawn = prompts.take(rollout_batch_size)
+            new = client.generate([p.ids for p in drawn], sampling, samples_per_prompt=n,
+                                  seed=seed + iteration + 1_000_003 * rounds, return_routed_experts=routing,
+                                  rid_prefix=f"it{iteration}" + (f"r{rounds}" if rounds else ""))
+            scores = score_samples(reward, reward_samples(new, [p for p in drawn for _ in range(n)], tokenizer),
+                                   reward_errors)
+            errors += scores.errors
+            for key, values in scores.extras.items():
+                extras.setdefault(key, []).extend(values)
+            keep = np.ones(len(new), dtype=bool)
+            if dynamic_sampling:
+                keep = varying_groups(torch.from_numpy(scores.scores), [i // n for i in range(len(new))]).numpy()
+                dropped += int((~keep).sum()) // n
+            room = rollout_batch_size * n - len(records)
+            picked = np.flatnonzero(keep)[:room]
+            dropped += (int(keep.sum()) - len(picked)) // n
+            records += [new[i] for i in picked]
+            rewards += scores.scores[picked].tolist()
+            rounds += 1
+        metrics = {f"reward/{k}": float(np.mean(v)) for k, v in extras.items()}
+        metrics.update({"reward/errors": float(errors), "data/epoch": float(prompts.epoch)})
+        if dynamic_sampling:
+            metrics["dynamic_sampling/dropped_groups"] = float(dropped)
+            metrics["dynamic_sampling/rounds"] = float(rounds)
         groups = [i // n for i in range(len(records))]
-        return RolloutBatch(iteration, version, records, rewards, groups)
+        return RolloutBatch(iteration, version, records, np.asarray(rewards, dtype=np.float64), groups, metrics,
+                            prompts.state_dict())
 
     return produce

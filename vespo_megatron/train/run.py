@@ -3,16 +3,20 @@ the trainer on N gloo ranks (``spawn``) or, under torchrun/slurm, on the ranks a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from contextlib import ExitStack
 from typing import Optional
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vespo_megatron.errors import UsageError
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.logger import MetricsLogger
+
+log = logging.getLogger(__name__)
 
 
 def default_world_size(cfg: TrainConfig) -> int:
@@ -30,19 +34,21 @@ def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = 
     bar = tqdm(total=cfg.train_iters, initial=trainer.iteration, desc="train", disable=rank != 0 or quiet,
                dynamic_ncols=True)
     try:
-        while trainer.iteration < cfg.train_iters:
-            result = trainer.step()
-            if rank == 0:
-                history.append((result.iteration, result.metrics))
-                logger.log(result.iteration, result.metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{result.metrics['reward_mean']:.3f}", loss=f"{result.metrics['loss']:.4f}")
-                if not quiet:
-                    tqdm.write(MetricsLogger.line(result.iteration, result.metrics))
-            if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
+        with logging_redirect_tqdm():  # metric lines go through logging without breaking the bar
+            while trainer.iteration < cfg.train_iters:
+                result = trainer.step()
+                if rank == 0:
+                    history.append((result.iteration, result.metrics))
+                    logger.log(result.iteration, result.metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{result.metrics['reward_mean']:.3f}",
+                                    loss=f"{result.metrics['loss']:.4f}")
+                    if not quiet:
+                        log.info(MetricsLogger.line(result.iteration, result.metrics))
+                if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
+                    trainer.save()
+            if cfg.save and not (cfg.save_interval and trainer.iteration % cfg.save_interval == 0):
                 trainer.save()
-        if cfg.save and not (cfg.save_interval and trainer.iteration % cfg.save_interval == 0):
-            trainer.save()
     finally:
         bar.close()
         trainer.close()
@@ -71,6 +77,9 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
         hf = load_hf_config(cfg.hf_checkpoint)
     except HFConfigError as err:
         raise UsageError("--hf-checkpoint", str(err)) from err
+    from vespo_megatron.train.inputs import build_inputs
+
+    build_inputs(cfg, hf.vocab_size)  # files, rows, tokenizer and reward: reported before any rank starts
     if cfg.load:
         from vespo_megatron.train import checkpoint
 

@@ -9,7 +9,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "train", help="VESPO (or a baseline) RL training of an MoE model with routing replay",
-        description="Rollouts from an SGLang server (or the CPU engine), GRPO advantages, N = gbs/mbs updates per "
+        description="Prompts (a dataset or the synthetic task), rollouts from an SGLang server (or the CPU engine), "
+                    "rewards, advantages, N = gbs/mbs updates per "
                     "step, weight sync. Under torchrun/srun the launched ranks are used; otherwise gloo ranks are "
                     "spawned on this machine.")
     add_train_args(parser)

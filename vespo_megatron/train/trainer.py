@@ -1,4 +1,4 @@
-"""The RL loop on every rank: rollouts -> rewards -> GRPO advantages -> packer -> old log-probs -> N updates -> sync.
+"""The RL loop on every rank: rollouts -> rewards -> advantages -> packer -> old log-probs -> N updates -> sync -> eval.
 
 Rank 0 talks to the rollout engines (SGLang servers, or our CPU engine behind the same protocol), plans the step and
 sends every rank only its own share (delivery.py: its data-parallel samples, its SP slice of its stage's routing
@@ -35,7 +35,7 @@ from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
 from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import iter_global, load_global
-from vespo_megatron.objectives.advantages import grpo_advantages
+from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
 from vespo_megatron.packing import pack
 from vespo_megatron.routing.replay import RoutingReplay
@@ -43,8 +43,11 @@ from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
+from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
-from vespo_megatron.train.task import EOS, RepeatTask
+
+
+EVAL_SEED_OFFSET = 7_919  # evaluation samples with seeds apart from the training rollouts
 
 
 logger = logging.getLogger(__name__)
@@ -97,14 +100,16 @@ class Trainer:
         pattern = moe_layer_pattern(self.hf)
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
         self.iteration, self.version = 0, 0
+        self.data_state: Optional[dict] = None
         if cfg.load:
             meta = checkpoint.load(cfg.load, self.model, self.optimizer, self.hf)
             self.iteration, self.version = meta["iteration"], meta["version"]
+            self.data_state = meta.get("data")
         self.rank = dist.get_rank()
         r = ranks()
         columns = tuple(self.replay.layer_columns) if self.replay is not None else ()
         self.delivery = BatchDelivery(RankPlace(r.dp_rank, r.tp_rank, columns), self.hf.num_experts_per_tok)
-        self.task = RepeatTask(vocab_size=self.hf.vocab_size, num_symbols=cfg.task_symbols)
+        self.inputs: Optional[RunInputs] = None
         self.client = self.source = self.sync = None
         # one staging directory for every rank (the disk sync writes shards from each owning rank)
         box = [tempfile.mkdtemp(prefix="vespo-weights-") if dist.get_rank() == 0 else None]
@@ -118,11 +123,15 @@ class Trainer:
             self.sync = self._weight_sync()
         self.sync_weights()  # the engine starts from the (possibly resumed) training weights
         if self.rank == 0:
-            sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                        "stop_token_ids": [EOS]}
-            produce = make_producer(self.client, self.task, rollout_batch_size=cfg.rollout_batch_size,
-                                    n=cfg.n_samples_per_prompt, sampling=sampling, seed=cfg.seed,
-                                    routing=cfg.routing_replay == "r3")
+            self.inputs = inputs = build_inputs(cfg, self.hf.vocab_size)
+            if self.data_state is not None:  # continue with the next unseen prompt
+                inputs.prompts.load_state_dict(self.data_state)
+            produce = make_producer(self.client, inputs.prompts, inputs.reward,
+                                    rollout_batch_size=cfg.rollout_batch_size, n=cfg.n_samples_per_prompt,
+                                    sampling=inputs.sampling_params(), seed=cfg.seed,
+                                    routing=cfg.routing_replay == "r3", tokenizer=inputs.tokenizer,
+                                    reward_errors=cfg.reward_errors, dynamic_sampling=cfg.dynamic_sampling,
+                                    max_rounds=cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1)
             self.source = (AsyncRollouts(produce, self.iteration, cfg.max_lag, lambda: self.version)
                            if cfg.async_rollout else SyncRollouts(produce))
 
@@ -130,7 +139,9 @@ class Trainer:
     def _shares(self, batch: RolloutBatch) -> list[list[MiniShare]]:
         """Rank 0: every rank's share of the step (index = rank), advantages computed once here."""
         cfg, r = self.cfg, ranks()
-        advantages = grpo_advantages(torch.tensor(batch.rewards), batch.group_ids).numpy()
+        lengths = torch.tensor([len(rec.response_ids) for rec in batch.records], dtype=torch.float64)
+        advantages = compute_advantages(cfg.advantage_estimator, torch.tensor(batch.rewards), batch.group_ids,
+                                        lengths).numpy()
         samples = batch.samples(advantages)
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
         return [plan_shares(samples, trace, cfg.num_mini_batches, r.dp, r.tp, cfg.micro_batch_size, place)
@@ -184,8 +195,22 @@ class Trainer:
             offset += len(mbs)
         self.version += 1
         self.iteration += 1
+        if batch is not None:  # rank 0 holds the batch and the prompt order
+            self.data_state = batch.data_state
         self.sync_weights()
-        return StepResult(it, self._reduce_metrics(batch, metrics, grad_norms))
+        out = self._reduce_metrics(batch, metrics, grad_norms)
+        if self.rank == 0 and cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.inputs.eval_sets:
+            out.update(self.evaluate())
+        return StepResult(it, out)
+
+    def evaluate(self) -> dict[str, float]:
+        """Every eval set against the engine, which holds the weights of the current version (rank 0)."""
+        from vespo_megatron.evaluation import evaluate
+
+        cfg, inputs = self.cfg, self.inputs
+        return evaluate(self.client, inputs.eval_sets, inputs.reward, inputs.sampling_params(greedy=cfg.eval_greedy),
+                        cfg.n_samples_per_eval_prompt, tokenizer=inputs.tokenizer, seed=cfg.seed + EVAL_SEED_OFFSET,
+                        reward_errors=cfg.reward_errors, tag=str(self.iteration))
 
     def _phase(self, name: str, mbs: list[MicroBatch], offset: int = 0):
         if self.replay is None:
@@ -216,7 +241,7 @@ class Trainer:
         if batch is not None:
             out.update(reward_mean=float(np.mean(batch.rewards)),
                        response_len_mean=float(np.mean([len(r.response_ids) for r in batch.records])),
-                       policy_lag=float(self.version - 1 - batch.version))
+                       policy_lag=float(self.version - 1 - batch.version), **batch.metrics)
         for key in (rows[0] if rows else {}):
             if key in ("loss", "entropy_sum", "response_tokens"):
                 continue
@@ -309,7 +334,8 @@ class Trainer:
         return stale
 
     def save(self) -> None:
-        checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf)
+        checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf,
+                        data_state=self.data_state)
 
     def close(self) -> None:
         if self.source is not None:
