@@ -32,3 +32,10 @@ if [ ! -f "$VERL_TARGET/.complete" ]; then
     antlr4-python3-runtime==4.9.3 codetiming==1.4.0 hydra-core==1.3.2
   touch "$VERL_TARGET/.complete"
 fi
+
+# SGLang 0.5.23's released wheel, read (never installed: it pins a CUDA torch) by tests/contract, which checks the
+# rollout client and the CPU stand-in against its route table and request types; msgspec loads those types.
+if ! ls .whl/sglang-0.5.23-*.whl >/dev/null 2>&1; then
+  .venv/bin/python -m pip download -q --no-deps sglang==0.5.23 -d .whl
+fi
+.venv/bin/python -m pip install -q -c constraints-cpu.txt msgspec==0.22.0

@@ -19,8 +19,8 @@ RUN_DIR=${RUN_DIR:-$WORK/runs/vespo-n$N-$REPLAY}
 SAVE_DIR=$RUN_DIR/checkpoints                         # iter_<n>/model is torch_dist: export with mcore-to-hf
 LOG_DIR=$RUN_DIR/logs                                 # metrics (tensorboard + jsonl)
 SAVE_INTERVAL=${SAVE_INTERVAL:-50}
-# Weight sync by disk: rank 0 stages HF safetensors under $TMPDIR and the server reloads them, so the SGLang host
-# must see this directory.
+# Weight sync by disk: every training rank writes its shards of the HF safetensors under $TMPDIR and the server
+# reloads them, so the SGLang host and every training node must see this directory.
 export TMPDIR=${STAGING_DIR:-$WORK/staging}
 
 TRAIN_ARGS=(

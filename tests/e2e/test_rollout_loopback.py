@@ -18,7 +18,7 @@ from vespo_megatron.megatron.model import moe_layer_pattern
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
 from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
-from vespo_megatron.rollout.weight_sync import WeightSyncError, push_weights, verify_weights
+from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 from vespo_megatron.routing.trace import TraceSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -77,18 +77,27 @@ def test_64_concurrent_requests_complete_validate_and_are_deterministic(server):
 
 
 def test_protocol_endpoints_and_errors(server):
-    info = requests.get(server.url + "/get_model_info", timeout=5).json()
-    assert info["model_path"] == "tiny-qwen3-moe" and info["is_generation"] is True
+    for path in ("/model_info", "/get_model_info"):
+        info = requests.get(server.url + path, timeout=5).json()
+        assert info["model_path"] == "tiny-qwen3-moe" and info["is_generation"] is True
     batch = requests.post(server.url + "/generate", timeout=5, json={
-        "input_ids": [[1, 2], [3]], "sampling_params": {"max_new_tokens": 2, "n": 2}, "rid": "b"}).json()
-    assert [item["meta_info"]["id"] for item in batch] == ["b_0", "b_1", "b_2", "b_3"]
+        "input_ids": [[1, 2], [3]], "sampling_params": {"max_new_tokens": 2}, "rid": "b", "unknown_key": 1}).json()
+    assert [item["meta_info"]["id"] for item in batch] == ["b_0", "b_1"]
+    parallel = requests.post(server.url + "/generate", timeout=5, json={
+        "input_ids": [[1, 2], [3]], "sampling_params": {"max_new_tokens": 2, "n": 2}, "rid": ["p", "q"]}).json()
+    assert len({item["meta_info"]["id"] for item in parallel} - {"p", "q"}) == 4  # n > 1: a fresh uuid per sample
     assert "text" not in batch[0]
+    for path in ("/get_weight_version", "/get_weights_checksum"):  # not SGLang 0.5.23 routes
+        assert requests.post(server.url + path, json={}, timeout=5).status_code == 404
+    invalid = requests.post(server.url + "/update_weight_version", json={}, timeout=5)
+    assert invalid.status_code == 400 and invalid.json()["message"] == "body.new_version: Field required"
     refused = requests.post(server.url + "/generate", json={"text": "hello"}, timeout=5)
     assert refused.status_code == 400 and "send input_ids" in refused.json()["error"]["message"]
     assert requests.post(server.url + "/generate", data=b"{", timeout=5).status_code == 400
     assert requests.get(server.url + "/nope", timeout=5).status_code == 404
     assert requests.get(server.url + "/health_generate", timeout=5).status_code == 200
-    tensor_update = requests.post(server.url + "/update_weights_from_tensor", json={}, timeout=5)
+    tensor_update = requests.post(server.url + "/update_weights_from_tensor", json={"serialized_named_tensors": []},
+                                  timeout=5)
     assert tensor_update.status_code == 400 and "/update_weights_from_disk" in tensor_update.json()["message"]
     with pytest.raises(RolloutError, match=r"request bad-0: HTTP 400: .*token id 999 >= vocab size 256"):
         SGLangClient(server.url).generate([[999]], rid_prefix="bad")
@@ -99,11 +108,12 @@ def test_weight_sync_from_disk_reaches_the_engine(server, tmp_path):
     trained.save_pretrained(tmp_path / "saved")
     named = list(load_file(tmp_path / "saved" / "model.safetensors").items())
     client = SGLangClient(server.url, routing=SPEC)
-    with pytest.raises(WeightSyncError, match="tensors differ on the engine"):
-        verify_weights(client, named_tensors=named)
-    push_weights(client, named, "step-1", via="disk", hf_config=CONFIG, staging_dir=tmp_path / "sync")
+    push_weights(client, named, "step-1", via="disk", hf_config=CONFIG, staging_dir=tmp_path / "sync",
+                 shard_bytes=200_000)
     try:
-        verify_weights(client, version="step-1", named_tensors=named)
+        assert len(list((tmp_path / "sync").glob("model-rank00000-*.safetensors"))) > 1  # sharded, with an index
+        verify_weights(client, version="step-1")
+        assert server.engine.weights_checksum() == HFEngine.from_model(trained, dtype="bf16").weights_checksum()
         (record,) = client.generate([PROMPTS[0]], {"max_new_tokens": 2})
         assert record.weight_version == "step-1"
         with pytest.raises(RolloutError, match="update_weights_from_disk.*HTTP 400.*cannot load"):
@@ -121,6 +131,9 @@ def test_serve_cli_on_loopback(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         url = re.search(r"at (http://127\.0\.0\.1:\d+)", proc.stdout.readline()).group(1)
+        client = SGLangClient(url, routing=SPEC, require_deterministic=True)
+        with pytest.raises(RolloutError, match="needs the server started with --enable-deterministic-inference"):
+            client.generate([[1, 2, 3]], {"max_new_tokens": 3}, seed=0)
         (record,) = SGLangClient(url, routing=SPEC).generate([[1, 2, 3]], {"max_new_tokens": 3}, seed=0,
                                                               return_routed_experts=True)
         assert record.routing.shape == (3 + len(record.response_ids) - 1, 4, 2)

@@ -131,6 +131,10 @@ def test_prompt_logprobs_scoring_and_routing_start_len():
     tail = engine.generate(tokens, {"max_new_tokens": 0}, return_logprob=True, logprob_start_len=4,
                            return_routed_experts=True, routed_experts_start_len=2)["meta_info"]
     assert [e[1] for e in tail["input_token_logprobs"]] == tokens[4:]
+    # as the release: None at position logprob_start_len, then the log-probs of the later prompt tokens
+    assert tail["input_token_logprobs"][0][0] is None
+    torch.testing.assert_close(torch.tensor([e[0] for e in tail["input_token_logprobs"][1:]]), ref[4:], atol=2e-5,
+                               rtol=0)
     np.testing.assert_array_equal(_decode(tail, 4, 2), ref_routing[2:-1])
 
 
@@ -148,7 +152,32 @@ def test_bad_requests_name_the_request(request_kwargs, message):
     assert "prompt" in request_kwargs or str(err.value).startswith("request r7: ")
 
 
-def test_routing_refused_without_the_server_flag():
+def test_routing_omitted_without_the_server_flag():
+    # the release answers a routed-experts request to a server without --enable-return-routed-experts without the
+    # field (tokenizer_manager.py:2603-2609 sets it only when captured), not with an error
     engine = HFEngine.from_model(_model("qwen3_moe"), dtype="fp32", enable_return_routed_experts=False)
-    with pytest.raises(ValueError, match="request r1: .*--enable-return-routed-experts"):
-        engine.generate([1, 2], rid="r1", return_routed_experts=True)
+    out = engine.generate([1, 2], {"max_new_tokens": 2}, rid="r1", return_routed_experts=True)
+    assert "routed_experts" not in out["meta_info"] and len(out["output_ids"]) == 2
+
+
+def test_seeds_are_ignored_without_deterministic_inference():
+    engine = HFEngine.from_model(_model("qwen3_moe"), dtype="fp32", enable_deterministic_inference=False)
+    params = {"max_new_tokens": 12, "sampling_seed": 4, "ignore_eos": True}
+    runs = {tuple(engine.generate(PROMPTS[0], params)["output_ids"]) for _ in range(3)}
+    assert len(runs) > 1  # as SGLang without --enable-deterministic-inference: the seed does not fix the sample
+
+
+def test_text_in_and_out_with_a_tokenizer():
+    # with a tokenizer the release accepts text and answers a `text` field (tokenizer_manager.py:2667-2669)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    engine = HFEngine.from_model(_model("qwen3_moe"), dtype="fp32", tokenizer=tokenizer)
+    out = engine.generate(prompt="t3 t17 t99", sampling_params={"max_new_tokens": 4, "ignore_eos": True})
+    assert out["meta_info"]["prompt_tokens"] == 3
+    assert out["text"] == tokenizer.decode(out["output_ids"], skip_special_tokens=True) and out["text"]
+    assert engine.get_server_info()["skip_tokenizer_init"] is False
+    assert "text" not in HFEngine.from_model(_model("qwen3_moe"), dtype="fp32").generate([1, 2], {"max_new_tokens": 1})

@@ -22,8 +22,11 @@ def test_single_request_defaults():
 def test_batch_and_n_are_prompt_major_with_sglang_rids():
     items, is_batch = parse_generate_request({"input_ids": [[1], [2, 3]], "rid": "x",
                                               "sampling_params": {"n": 2, "temperature": 0.5}})
-    assert is_batch
-    assert [(i.rid, i.input_ids) for i in items] == [("x_0", (1,)), ("x_1", (1,)), ("x_2", (2, 3)), ("x_3", (2, 3))]
+    assert is_batch  # n > 1: every sample a fresh uuid (the release's regenerate_rid), prompt-major
+    assert [i.input_ids for i in items] == [(1,), (1,), (2, 3), (2, 3)]
+    assert len({i.rid for i in items}) == 4 and all(len(i.rid) == 32 and "x" not in i.rid for i in items)
+    items, _ = parse_generate_request({"input_ids": [[1], [2, 3]], "rid": "x"})
+    assert [i.rid for i in items] == ["x_0", "x_1"]  # a string rid of a batch: "{rid}_{i}"
     items, _ = parse_generate_request({"input_ids": [[1], [2]], "rid": ["p", "q"],
                                        "sampling_params": [{"max_new_tokens": 1}, {"max_new_tokens": 2}]})
     assert [(i.rid, i.params.max_new_tokens) for i in items] == [("p", 1), ("q", 2)]
@@ -40,9 +43,13 @@ def test_batch_and_n_are_prompt_major_with_sglang_rids():
     ({"input_ids": [1, -2]}, "input_ids[0] must hold non-negative int"),
     ({"input_ids": [[1], [2]], "rid": ["a"]}, "rid has 1 entries for 2 prompts"),
     ({"input_ids": [[1], [2]], "rid": ["a", "a"]}, "duplicate rid 'a'"),
-    ({"input_ids": [1], "stream": True}, "stream=true is not supported"),
+    ({"input_ids": [[1], [2]], "sampling_params": [{"n": 2}, {"n": 3}]}, "parallel_sample_num should be the same"),
+    ({"input_ids": [[1], [2]], "return_logprob": [True, False], "sampling_params": {"n": 2}},
+     "Cannot use list return_logprob with parallel_sample_num > 1"),
+    ({"input_ids": [1], "stream": True}, "field 'stream' is not supported"),
     ({"input_ids": [1], "top_logprobs_num": 5}, "top_logprobs_num"),
     ({"input_ids": [1], "lora_path": "x"}, "field 'lora_path' is not supported"),
+    ({"input_ids": [1], "sampling_params": {"seed": 3}}, "unknown sampling_params field 'seed'"),
     ({"input_ids": [1, 2], "routed_experts_start_len": 3}, "prompt 0: routed_experts_start_len=3 must be an int in [0"),
     ({"input_ids": [1, 2], "logprob_start_len": -2}, "logprob_start_len=-2"),
     ({"input_ids": [[1], [2]], "sampling_params": [{}, {"top_k": 0}]}, "prompt 1: sampling_params: top_k"),
@@ -54,9 +61,9 @@ def test_bad_requests_are_rejected_naming_the_field(body, message):
     assert message in str(err.value)
 
 
-def test_ignored_fields_at_default_are_accepted():
+def test_unknown_top_level_fields_are_ignored_as_the_release_does():
     items, _ = parse_generate_request({"input_ids": [1], "lora_path": None, "return_hidden_states": False,
-                                       "return_text_in_logprobs": True})
+                                       "return_text_in_logprobs": True, "no_such_field": {"x": 1}})
     assert len(items) == 1
 
 
@@ -78,8 +85,11 @@ def test_response_layout():
         "id": "r", "prompt_tokens": 3, "completion_tokens": 2, "weight_version": "v1", "e2e_latency": 0.25}
     assert meta["output_token_logprobs"] == [[-0.5, 9, None], [-1.5, 8, None]]
     assert meta["input_token_logprobs"] == [[-2.0, 5, None], [-3.0, 6, None]]
+    assert "text" not in out  # no tokenizer: as --skip-tokenizer-init
+    assert response_dict(item, [9], [-0.5], [], None, finish_length(1), "v1", 0.0, text="ab")["text"] == "ab"
     assert meta["finish_reason"] == {"type": "length", "length": 2}
     assert len(base64.b64decode(meta["routed_experts"])) == 4 * 2 * 2 * 4
     (plain,), _ = parse_generate_request({"input_ids": [4]})
     assert set(response_dict(plain, [1], [-1.0], [], None, finish_length(1), "v", 0.0)["meta_info"]) == {
-        "id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", "weight_version"}
+        "id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency", "weight_version",
+        "num_retractions", "reasoning_tokens"}

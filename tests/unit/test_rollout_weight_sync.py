@@ -74,7 +74,7 @@ def test_misuse_is_refused():
     client = SGLangEngineClient(HFEngine.from_model(_model("qwen3_moe", seed=2), dtype="fp32"))
     with pytest.raises(ValueError, match="at least one of version, named_tensors, probe"):
         verify_weights(client)
-    with pytest.raises(ValueError, match="via must be 'tensor' or 'disk'"):
+    with pytest.raises(ValueError, match=r"via must be one of \['distributed', 'disk', 'tensor'\]"):
         push_weights(client, [], "v", via="nccl")
     with pytest.raises(ValueError, match="needs hf_config and staging_dir"):
         push_weights(client, [], "v", via="disk")

@@ -61,7 +61,8 @@ def test_in_memory_names_and_bf16_digests(saved):
 def test_update_from_disk_and_refusals(saved, tmp_path):
     family, _, path, tensors = saved
     engine = HFEngine.from_model(_model(family, seed=2), dtype="fp32")
-    assert engine.update_weights_from_disk(str(path), weight_version="v7") == (True, f"loaded weights from {path}", 0)
+    assert engine.update_weights_from_disk(str(path)) == (True, "Succeeded to update model weights.", 0)
+    engine.update_weight_version("v7")  # sglang.Engine's disk update takes no version (0.5.23 engine.py:1702)
     assert mismatched_weights(tensors.items(), engine.weights_checksum()) == [] and engine.weight_version == "v7"
     ok, message, _ = engine.update_weights_from_disk(str(tmp_path / "missing"))
     assert not ok and "cannot load" in message

@@ -9,7 +9,7 @@ TP/PP/EP layout; ``iter_global`` assembles the global tensors one key at a time 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -68,10 +68,12 @@ def _grads_as_data(model: torch.nn.Module) -> Iterator[None]:
             param.data = data
 
 
-def iter_global(model: torch.nn.Module, dst: int = 0) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+def iter_global(model: torch.nn.Module, dst: int = 0,
+                owner: Optional[Callable[[int], int]] = None) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """(key, global tensor) one key at a time, assembled on rank ``dst`` (None on the other ranks).
 
-    Every rank must iterate to the end (each key is one gather). Peak memory on ``dst``: one global tensor.
+    ``owner``: key number -> the rank that assembles that key instead (e.g. ``i % world``: every rank writes its own
+    keys). Every rank must iterate to the end (each key is one gather). Peak memory on a rank: one global tensor.
     """
     shards: dict[str, list[ShardedTensor]] = {}
     for shard in local_shards(model):
@@ -83,7 +85,9 @@ def iter_global(model: torch.nn.Module, dst: int = 0) -> Iterator[tuple[str, Opt
         dist.all_gather_object(every, keys)
         keys = list(dict.fromkeys(item for rank_keys in every for item in rank_keys))
     me = dist.get_rank() if distributed else dst
-    for key, shape, dtype in keys:
+    for number, (key, shape, dtype) in enumerate(keys):
+        if owner is not None:
+            dst = owner(number) if distributed else me
         pieces = [(global_slice(s), s.data.detach().cpu()) for s in shards.get(key, [])]
         if distributed:
             gathered: Optional[list] = [None] * dist.get_world_size() if me == dst else None

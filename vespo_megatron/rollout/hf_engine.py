@@ -7,9 +7,15 @@ prefill the prompt with a KV cache, then decode one token per forward; the last 
 - routing is captured by forward hooks on every ``*TopKRouter`` (their output[2] = top-k ids [tokens, k]), and
   returned in SGLang's layout: int32 [P + N − 1 − start, num_hidden_layers, k] (row p = the forward of token p),
   zeros for dense layers;
-- ``sampling_seed`` seeds a per-sample ``torch.Generator``: same seed, same tokens.
-Methods mirror ``sglang.Engine`` (``generate``, ``update_weights_from_disk``, ``update_weights_from_tensor``,
-``get_model_info``) so the SGLang engine client runs unchanged on it.
+- ``sampling_seed`` seeds a per-sample ``torch.Generator`` (same seed, same tokens) when
+  ``enable_deterministic_inference`` is on, as SGLang honours it only under --enable-deterministic-inference; it is
+  on by default in Python (the engine is batch-invariant anyway) and off by default in ``vespo-megatron serve``;
+- a tokenizer (when the checkpoint has one) encodes ``text`` input and decodes the ``text`` output field;
+- pause / continue / abort and the running-request count follow SGLang (see control.py); a request held by a
+  ``retract`` pause drops its KV cache and recomputes it (and its routing rows) after ``continue``.
+Methods mirror ``sglang.Engine`` 0.5.23 (``generate``, ``update_weights_from_disk(model_path, load_format)``,
+``update_weights_from_tensor(named_tensors, load_format, flush_cache)``, ``get_model_info``, ``get_server_info``)
+so the SGLang engine client runs unchanged on it.
 """
 from __future__ import annotations
 
@@ -18,15 +24,18 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from vespo_megatron.rollout.control import GenerationControl
 from vespo_megatron.rollout.protocol import (
-    GenerateItem, finish_length, finish_stop, parse_generate_request, response_dict,
+    GenerateItem, finish_abort, finish_length, finish_stop, parse_generate_request, response_dict,
 )
 from vespo_megatron.rollout.sampling import SamplingParams, sample_token, token_logprobs
+from vespo_megatron.rollout.weight_group import WeightGroup, open_group, receive_tensors
 from vespo_megatron.rollout.weight_names import canonical_name, checkpoint_names, engine_view, tensor_digest
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -41,11 +50,33 @@ def _eos_ids(model: torch.nn.Module) -> set[int]:
     return ids
 
 
+@dataclass
+class _Sequence:
+    """A sample in progress: output so far, prompt log-probs, and its finish reason once done."""
+
+    output_ids: list[int]
+    output_logprobs: list[float]
+    input_logprobs: list[float | None]
+    finish: dict[str, Any] | None = None
+    retractions: int = 0
+
+
+def _load_tokenizer(model_path: str) -> Any:
+    """The checkpoint's tokenizer, or None when the directory has none (the engine then runs token ids only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 class HFEngine:
     """SGLang-like rollout engine around a transformers MoE causal LM (the engine owns and casts ``model``)."""
 
     def __init__(self, model: torch.nn.Module, *, dtype: str = "bf16", model_path: str | None = None,
-                 enable_return_routed_experts: bool = True, weight_version: str = "default", seed: int = 0):
+                 enable_return_routed_experts: bool = True, weight_version: str = "default", seed: int = 0,
+                 enable_deterministic_inference: bool = True, tokenizer: Any = None):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         self.dtype = DTYPES[dtype]
@@ -53,6 +84,10 @@ class HFEngine:
         self.model_path = model_path
         self.enable_return_routed_experts = enable_return_routed_experts
         self.weight_version = weight_version
+        self.enable_deterministic_inference = enable_deterministic_inference
+        self.tokenizer = tokenizer
+        self.control = GenerationControl()
+        self._groups: dict[str, WeightGroup] = {}
         config = self.model.config
         self.num_layers = int(config.num_hidden_layers)
         self.topk = int(config.num_experts_per_tok)
@@ -70,6 +105,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+        if "tokenizer" not in kwargs:
+            kwargs["tokenizer"] = _load_tokenizer(model_path)
         return cls(model, dtype=dtype, model_path=str(model_path), **kwargs)
 
     @classmethod
@@ -119,7 +156,8 @@ class HFEngine:
 
     def handle_generate(self, body: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """Answer a /generate body; ValueError (HTTP 400) for a bad request."""
-        items, is_batch = parse_generate_request(body)
+        encode = None if self.tokenizer is None else (lambda text: self.tokenizer.encode(text))
+        items, is_batch = parse_generate_request(body, encode)
         outputs = [self._run(item) for item in items]
         return outputs if is_batch else outputs[0]
 
@@ -129,54 +167,81 @@ class HFEngine:
         if len(item.input_ids) + item.params.max_new_tokens > self.context_len:
             raise ValueError(f"request {item.rid}: prompt_tokens {len(item.input_ids)} + max_new_tokens "
                              f"{item.params.max_new_tokens} exceeds the context length {self.context_len}")
-        if item.return_routed_experts and not self.enable_return_routed_experts:
-            raise ValueError(f"request {item.rid}: return_routed_experts needs the server flag "
-                             "--enable-return-routed-experts")
         bad = [t for t in item.params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"request {item.rid}: stop_token_ids {bad} >= vocab size {self.vocab_size}")
 
     def _run(self, item: GenerateItem) -> dict[str, Any]:
+        """Generate one sample; a ``retract`` pause mid-sequence releases the model and recomputes after continue."""
         self._check(item)
         started = time.perf_counter()
         params = item.params
+        seeded = params.sampling_seed is not None and self.enable_deterministic_inference
+        generator = torch.Generator().manual_seed(
+            params.sampling_seed if seeded else int(self._seeds.integers(2**62)))
+        state = _Sequence(output_ids=[], output_logprobs=[], input_logprobs=[])
+        with self.control.track(item.rid):
+            while state.finish is None:
+                self.control.wait_while_paused()
+                with self._lock, torch.inference_mode():
+                    self._decode(item, generator, state)
+                    if state.finish is not None:
+                        rows = len(item.input_ids) + len(state.output_ids) - 1
+                        routed = item.return_routed_experts and self.enable_return_routed_experts
+                        routing = self._routing(rows, item.routed_experts_start_len) if routed else None
+                        version = self.weight_version
+                    self._captured = {}
+                if state.finish is None:
+                    state.retractions += 1
+        text = None if self.tokenizer is None else self.tokenizer.decode(state.output_ids, skip_special_tokens=True)
+        return response_dict(item, state.output_ids, state.output_logprobs, state.input_logprobs, routing,
+                             state.finish, version, time.perf_counter() - started, text, state.retractions)
+
+    def _decode(self, item: GenerateItem, generator: torch.Generator, state: "_Sequence") -> None:
+        """(Re)compute the KV cache of prompt + output so far, then decode until finished or paused.
+
+        Sets ``state.finish`` when the sample is done; leaves it None when a pause holds the sequence (retract).
+        """
+        params = item.params
+        if self.control.is_aborted(item.rid):
+            state.finish = finish_abort("Abort in waiting queue")
+            return
         stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self._eos)
-        with self._lock, torch.inference_mode():
-            seed = params.sampling_seed if params.sampling_seed is not None else int(self._seeds.integers(2**62))
-            generator = torch.Generator().manual_seed(seed)
-            self._captured = {layer: [] for layer in self.moe_layers}
-            out = self.model(input_ids=torch.tensor([item.input_ids]), use_cache=True)
-            wants_prompt = item.return_logprob and item.logprob_start_len >= 0
-            input_logprobs = self._prompt_logprobs(item, out.logits[0], params) if wants_prompt else []
+        self._captured = {layer: [] for layer in self.moe_layers}
+        out = self.model(input_ids=torch.tensor([list(item.input_ids) + state.output_ids]), use_cache=True)
+        if not state.output_ids and item.return_logprob and item.logprob_start_len >= 0:
+            state.input_logprobs = self._prompt_logprobs(item, out.logits[0], params)
+        past, logits = out.past_key_values, out.logits[0, -1]
+        for step in range(len(state.output_ids), params.max_new_tokens):
+            banned = sorted(stops) if step < params.min_new_tokens else None
+            token, logprob = sample_token(logits, params, generator, banned)
+            state.output_ids.append(token)
+            state.output_logprobs.append(logprob)
+            if token in stops:
+                state.finish = finish_stop(token)
+                return
+            if step + 1 == params.max_new_tokens:
+                break
+            if self.control.is_aborted(item.rid):
+                state.finish = finish_abort("Abort in running batch")
+                return
+            if self.control.paused:
+                return  # retracted: the caller waits for continue and recomputes
+            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[0, -1]
-            output_ids: list[int] = []
-            output_logprobs: list[float] = []
-            finish = finish_length(params.max_new_tokens)
-            for step in range(params.max_new_tokens):
-                banned = sorted(stops) if step < params.min_new_tokens else None
-                token, logprob = sample_token(logits, params, generator, banned)
-                output_ids.append(token)
-                output_logprobs.append(logprob)
-                if token in stops:
-                    finish = finish_stop(token)
-                    break
-                if step + 1 == params.max_new_tokens:
-                    break
-                out = self.model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[0, -1]
-            rows = len(item.input_ids) + len(output_ids) - 1
-            routing = self._routing(rows, item.routed_experts_start_len) if item.return_routed_experts else None
-            self._captured = {}
-            version = self.weight_version
-        return response_dict(item, output_ids, output_logprobs, input_logprobs, routing, finish, version,
-                             time.perf_counter() - started)
+        state.finish = finish_length(params.max_new_tokens)
 
     @staticmethod
     def _prompt_logprobs(item: GenerateItem, logits: torch.Tensor, params: SamplingParams) -> list[float | None]:
-        """Log-probs of prompt tokens [logprob_start_len, P) from the prefill logits [P, V]; token 0 has none."""
-        ids = torch.tensor(item.input_ids[1:])
-        per_token = token_logprobs(logits[:-1], params).gather(-1, ids[:, None])[:, 0].tolist()
-        return ([None] + per_token)[item.logprob_start_len:]
+        """Log-probs of prompt tokens [s, P) from the prefill logits [≥P, V], s = logprob_start_len.
+
+        As SGLang: the entry at position s is None (token 0 has no log-prob; for s > 0 the release does not compute
+        the token at s either), then log p(token p | tokens < p) for p in (s, P).
+        """
+        prompt_len, start = len(item.input_ids), item.logprob_start_len
+        ids = torch.tensor(item.input_ids[start + 1:])
+        per_token = token_logprobs(logits[start:prompt_len - 1], params).gather(-1, ids[:, None])[:, 0].tolist()
+        return [None] + per_token
 
     # ------------------------------------------------------------------ weights
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
@@ -200,17 +265,20 @@ class HFEngine:
         return len(pairs)
 
     def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], load_format: str | None = None,
-                                   flush_cache: bool = True, weight_version: str | None = None) -> tuple[bool, str]:
-        """``sglang.Engine.update_weights_from_tensor``: (success, message)."""
+                                   flush_cache: bool = True) -> tuple[bool, str]:
+        """``sglang.Engine.update_weights_from_tensor`` (0.5.23 signature): (success, message)."""
         try:
-            count = self.update_weights_from_tensors(named_tensors, weight_version)
+            count = self.update_weights_from_tensors(named_tensors)
         except ValueError as err:
             return False, str(err)
         return True, f"updated {count} tensors"
 
-    def update_weights_from_disk(self, model_path: str, load_format: str | None = None,
-                                 weight_version: str | None = None) -> tuple[bool, str, int]:
-        """``sglang.Engine.update_weights_from_disk``: load an HF directory; (success, message, num_paused=0)."""
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str, int]:
+        """``sglang.Engine.update_weights_from_disk`` (0.5.23 signature): (success, message, num_paused_requests)."""
+        return self.load_weights_from_disk(model_path)
+
+    def load_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> tuple[bool, str, int]:
+        """Load an HF directory into the served model; the version changes only when everything loaded."""
         from transformers import AutoModelForCausalLM
 
         try:
@@ -228,7 +296,50 @@ class HFEngine:
             self.model_path = str(model_path)
             if weight_version is not None:
                 self.weight_version = weight_version
-        return True, f"loaded weights from {model_path}", 0
+        return True, "Succeeded to update model weights.", 0
+
+    # ------------------------------------------------------------------ weight-update group (as sglang.Engine)
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl") -> tuple[bool, str]:
+        """Join the trainer's group as rank ``rank_offset`` (one rank: tp_size 1); blocks until everyone joined."""
+        if group_name in self._groups:
+            return False, f"Failed to initialize custom process group: group {group_name!r} already exists."
+        if backend != "gloo":
+            return False, (f"Failed to initialize custom process group: this CPU engine receives over gloo, not "
+                           f"{backend!r}.")
+        try:
+            self._groups[group_name] = open_group(master_address, master_port, rank_offset, world_size, group_name,
+                                                  backend)
+        except (RuntimeError, ValueError) as err:
+            return False, f"Failed to initialize custom process group: {err}."
+        return True, "Succeeded to initialize custom process group."
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        group_name: str = "weight_update_group", flush_cache: bool = True,
+                                        load_format: str | None = None,
+                                        weight_version: str | None = None) -> tuple[bool, str]:
+        """Receive one broadcast per tensor from rank 0, then load them (and set ``weight_version`` if given)."""
+        group = self._groups.get(group_name)
+        if group is None:
+            return False, f"Group {group_name} not in {list(self._groups)}. Please call `init_weights_update_group` first."
+        try:
+            received = receive_tensors(group, names, dtypes, shapes)
+            self.update_weights_from_tensors(received, weight_version)
+        except (RuntimeError, ValueError) as err:
+            return False, f"Failed to update parameter online: {err}."
+        return True, "Succeeded to update parameter online."
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> tuple[bool, str]:
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            return False, "The group to be destroyed does not exist."
+        group.close()
+        return True, "Succeeded to destroy custom process group."
+
+    def update_weight_version(self, new_version: str) -> None:
+        """What /update_weight_version does: set the reported version."""
+        with self._lock:
+            self.weight_version = new_version
 
     def weights_checksum(self, names: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
         """Per-tensor {"dtype", "digest"} keyed by canonical checkpoint name (all tensors when ``names`` is None)."""
@@ -243,6 +354,18 @@ class HFEngine:
         return report
 
     def get_model_info(self) -> dict[str, Any]:
-        """``/get_model_info`` fields (SGLang's, no tokenizer)."""
-        return {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
-                "preferred_sampling_params": None, "weight_version": self.weight_version}
+        """``/model_info`` fields of SGLang 0.5.23 (http_server.py ``model_info``)."""
+        config = self.model.config
+        return {"model_path": self.model_path, "served_model_name": self.model_path,
+                "tokenizer_path": self.model_path if self.tokenizer is not None else None, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.weight_version, "load_format": "auto",
+                "model_type": getattr(config, "model_type", None),
+                "architectures": getattr(config, "architectures", None)}
+
+    def get_server_info(self) -> dict[str, Any]:
+        """The ServerArgs fields of ``/server_info`` this engine has (flattened, as the release reports them)."""
+        return {"model_path": self.model_path, "dtype": str(self.dtype).removeprefix("torch."),
+                "skip_tokenizer_init": self.tokenizer is None, "tp_size": 1, "pp_size": 1, "dp_size": 1,
+                "enable_return_routed_experts": self.enable_return_routed_experts,
+                "enable_deterministic_inference": self.enable_deterministic_inference,
+                "context_length": self.context_len, "weight_version": self.weight_version, "version": "0.5.23"}

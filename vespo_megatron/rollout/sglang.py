@@ -1,17 +1,21 @@
-"""Clients of an SGLang rollout engine: a running HTTP server (:class:`SGLangClient`) or an in-process
+"""Clients of an SGLang 0.5.23 rollout engine: a running HTTP server (:class:`SGLangClient`) or an in-process
 ``sglang.Engine`` (:class:`SGLangEngineClient`, also usable with the CPU :class:`~.hf_engine.HFEngine`).
 
 Both turn prompts into :class:`~.records.RolloutRecord` s: prompt ids, response ids, per-token rollout log-probs,
 routing trace and finish reason. Sample j of a ``generate`` call gets rid ``{prefix}-{j}`` and, when ``seed`` is
-given, ``sampling_seed`` = a hash of (seed, j), so a fixed seed gives the same samples whatever the concurrency.
+given, ``sampling_seed`` = a hash of (seed, j). SGLang honours ``sampling_seed`` only when the server runs with
+``--enable-deterministic-inference`` (it reads the seed in ``sampling/sampling_batch_info.py`` only then): the client
+reads that flag from /server_info once, and either refuses (``require_deterministic=True``) or warns once.
 The HTTP client runs at most ``max_concurrency`` requests at once; every request has a timeout and is retried with
 exponential backoff on connection errors, timeouts and HTTP 5xx; 4xx and malformed responses raise at once.
+Only routes and fields of the 0.5.23 release are used (tests/contract checks them against the release's source).
 sglang itself is imported lazily; without it only the paths that need it fail, saying what to install.
 """
 from __future__ import annotations
 
 import abc
 import importlib
+import logging
 import threading
 import time
 import uuid
@@ -26,12 +30,14 @@ import requests
 from vespo_megatron.rollout.records import RolloutRecord, record_from_response
 from vespo_megatron.routing.trace import TraceSpec
 
+log = logging.getLogger(__name__)
 INSTALL_HINT = "sglang is not installed: `pip install \"sglang[all]\"` on a CUDA machine (see SGLang's install guide)"
+DETERMINISTIC_FLAG = "--enable-deterministic-inference"
 _RETRIABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 class RolloutError(RuntimeError):
-    """A request to the rollout engine failed; the message names the request."""
+    """A request to the rollout engine failed; the message names the request (and the engine)."""
 
 
 def import_sglang(module: str = "sglang") -> Any:
@@ -55,10 +61,37 @@ class _Sample:
 
 
 class _ClientBase(abc.ABC):
-    """Request building and record parsing shared by the HTTP and the in-process clients."""
+    """Request building, the seed check and record parsing shared by the HTTP and the in-process clients."""
 
-    def __init__(self, routing: TraceSpec | None):
+    def __init__(self, routing: TraceSpec | None, require_deterministic: bool = False):
         self.routing = routing
+        self.require_deterministic = require_deterministic
+        self._deterministic: bool | None = None  # the server's flag, read once
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The engine, as error messages name it."""
+
+    @abc.abstractmethod
+    def get_server_info(self) -> dict[str, Any]:
+        """The server's resolved arguments (``/server_info``, ``Engine.get_server_info``)."""
+
+    def _check_seed_honoured(self) -> None:
+        """Refuse or warn once when ``sampling_seed`` will be ignored (server without the deterministic flag)."""
+        if self._deterministic is None:
+            try:
+                # ServerArgs fields are flattened into /server_info (utils/common.py:3589, server_args.py:551)
+                self._deterministic = bool(self.get_server_info().get("enable_deterministic_inference", False))
+            except (RolloutError, OSError, ValueError) as err:
+                self._deterministic = False
+                log.warning("%s: cannot read server_info (%s); assuming seeds are not honoured", self.name, err)
+            if not self._deterministic and not self.require_deterministic:
+                log.warning("%s runs without %s: SGLang ignores sampling_seed there, so the same seed will not give "
+                            "the same samples", self.name, DETERMINISTIC_FLAG)
+        if not self._deterministic and self.require_deterministic:
+            raise RolloutError(f"{self.name}: reproducible sampling needs the server started with {DETERMINISTIC_FLAG} "
+                               "(it ignores sampling_seed otherwise)")
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict[str, Any] | None = None, *,
                  samples_per_prompt: int = 1, seed: int | None = None, return_routed_experts: bool = False,
@@ -66,6 +99,8 @@ class _ClientBase(abc.ABC):
         """Generate ``samples_per_prompt`` samples per prompt, prompt-major; one record per sample, in order."""
         if return_routed_experts and self.routing is None:
             raise ValueError("return_routed_experts needs the model's TraceSpec (routing=...) on the client")
+        if seed is not None:
+            self._check_seed_honoured()
         prefix = rid_prefix or uuid.uuid4().hex[:12]
         samples = []
         for prompt in prompts:
@@ -77,7 +112,7 @@ class _ClientBase(abc.ABC):
         extra: dict[str, Any] = {"return_logprob": True}
         if return_routed_experts:
             extra["return_routed_experts"] = True
-            if routed_experts_start_len:  # older servers do not know the field
+            if routed_experts_start_len:
                 extra["routed_experts_start_len"] = routed_experts_start_len
         responses = self._generate_samples(samples, extra)
         spec = self.routing if return_routed_experts else None
@@ -89,6 +124,7 @@ class _ClientBase(abc.ABC):
         body = {"return_logprob": True, "logprob_start_len": 0}
         sample = _Sample(f"score-{uuid.uuid4().hex[:12]}", [int(t) for t in token_ids],
                          {"max_new_tokens": 0, "temperature": 1.0})
+        # meta_info.input_token_logprobs: tokenizer_manager.py:2868 (entry 0 is None: no logprob for token 0)
         meta = self._generate_samples([sample], body)[0].get("meta_info", {})
         entries = meta.get("input_token_logprobs") or []
         if len(entries) != len(token_ids):
@@ -101,11 +137,12 @@ class _ClientBase(abc.ABC):
 
 
 class SGLangClient(_ClientBase):
-    """Client of a running SGLang server (or of ``vespo-megatron serve``) at ``base_url``."""
+    """Client of a running SGLang 0.5.23 server (or of ``vespo-megatron serve``) at ``base_url``."""
 
     def __init__(self, base_url: str, *, routing: TraceSpec | None = None, timeout_s: float = 120.0,
-                 max_retries: int = 3, backoff_s: float = 0.5, max_concurrency: int = 32):
-        super().__init__(routing)
+                 max_retries: int = 3, backoff_s: float = 0.5, max_concurrency: int = 32,
+                 require_deterministic: bool = False):
+        super().__init__(routing, require_deterministic)
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -113,25 +150,31 @@ class SGLangClient(_ClientBase):
         self.max_concurrency = max_concurrency
         self._local = threading.local()
 
+    @property
+    def name(self) -> str:
+        return f"engine {self.base_url}"
+
     def _session(self) -> requests.Session:
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = requests.Session()
         return session
 
-    def _request(self, method: str, path: str, what: str, payload: Any = None) -> requests.Response:
-        """One call with retries on connection errors, timeouts and 5xx; RolloutError names ``what``.
+    def _request(self, method: str, path: str, what: str, payload: Any = None, *,
+                 timeout_s: float | None = None) -> requests.Response:
+        """One call with retries on connection errors, timeouts and 5xx; RolloutError names ``what`` and the engine.
 
         ``payload`` may be a function of the attempt number (a retried /generate needs a fresh rid: SGLang refuses
         a rid that is still in flight, e.g. after a client-side timeout).
         """
         last = ""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         for attempt in range(self.max_retries + 1):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             body = payload(attempt) if callable(payload) else payload
             try:
-                response = self._session().request(method, self.base_url + path, json=body, timeout=self.timeout_s)
+                response = self._session().request(method, self.base_url + path, json=body, timeout=timeout)
             except _RETRIABLE as err:
                 last = f"{type(err).__name__}: {err}"
                 continue
@@ -139,17 +182,27 @@ class SGLangClient(_ClientBase):
                 last = f"HTTP {response.status_code}: {response.text[:300]}"
                 continue
             if response.status_code >= 400:
-                raise RolloutError(f"{what}: HTTP {response.status_code}: {response.text[:500]}")
+                raise RolloutError(f"{what}: HTTP {response.status_code}: {response.text[:500]} "
+                                   f"(at {self.base_url}{path})")
             return response
-        raise RolloutError(f"{what}: failed after {self.max_retries + 1} attempts (timeout {self.timeout_s}s "
+        raise RolloutError(f"{what}: failed after {self.max_retries + 1} attempts (timeout {timeout}s "
                            f"each) at {self.base_url}{path}: {last}")
 
-    def _json(self, method: str, path: str, what: str, payload: Any = None) -> Any:
-        response = self._request(method, path, what, payload)
+    def _json(self, method: str, path: str, what: str, payload: Any = None, **kwargs: Any) -> Any:
+        response = self._request(method, path, what, payload, **kwargs)
         try:
             return response.json()
         except ValueError:
             raise RolloutError(f"{what}: malformed JSON from {path}: {response.text[:200]!r}") from None
+
+    def _json_with_fallback(self, path: str, deprecated: str) -> Any:
+        """GET ``path``; on 404 (an older server) GET its deprecated alias."""
+        try:
+            return self._json("GET", path, path.strip("/"))
+        except RolloutError as err:
+            if "HTTP 404" not in str(err):
+                raise
+        return self._json("GET", deprecated, deprecated.strip("/"))
 
     def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
         def one(sample: _Sample) -> Any:
@@ -168,6 +221,7 @@ class SGLangClient(_ClientBase):
                     future.cancel()
                 raise
 
+    # ------------------------------------------------------------------ server state
     def health(self) -> bool:
         """GET /health: True when the server answers 200 (one attempt, no retries)."""
         try:
@@ -184,51 +238,141 @@ class SGLangClient(_ClientBase):
             time.sleep(poll_s)
 
     def get_model_info(self) -> dict[str, Any]:
-        return self._json("GET", "/get_model_info", "get_model_info")
+        """GET /model_info (http_server.py:812), falling back to the deprecated /get_model_info (:802)."""
+        return self._json_with_fallback("/model_info", "/get_model_info")
+
+    def get_server_info(self) -> dict[str, Any]:
+        """GET /server_info (http_server.py:863), falling back to the deprecated /get_server_info (:853)."""
+        return self._json_with_fallback("/server_info", "/get_server_info")
 
     def get_weight_version(self) -> str:
-        return self._json("GET", "/get_weight_version", "get_weight_version")["weight_version"]
+        """The served weight version: /model_info's ``weight_version`` (http_server.py:824)."""
+        info = self.get_model_info()
+        if "weight_version" not in info:
+            raise RolloutError(f"{self.name}: model_info has no weight_version: {str(info)[:200]}")
+        return info["weight_version"]
 
+    def serves_distributed_update(self) -> bool:
+        """Whether the server has POST /update_weights_from_distributed: a GET answers 405 there (the route exists
+        for another method), 404 on a server without it. One attempt, no retries."""
+        try:
+            status = self._session().get(self.base_url + "/update_weights_from_distributed",
+                                         timeout=self.timeout_s).status_code
+        except _RETRIABLE:
+            return False
+        return status == 405
+
+    def tp_size(self) -> int:
+        """Tensor-parallel ranks of the server (``tp_size`` of /server_info, server_args.py resolved_dict)."""
+        return int(self.get_server_info().get("tp_size", 1))
+
+    # ------------------------------------------------------------------ weight updates
     def _check_update(self, result: Any, what: str) -> None:
+        # {"success", "message"}: http_server.py:1312-1316 (disk), 1416 (group), 1452 (tensor), 1501 (distributed)
         if not isinstance(result, dict) or not result.get("success"):
-            raise RolloutError(f"{what}: the server refused the update: {result!r}")
+            raise RolloutError(f"{what} at {self.base_url}: the server refused: {result!r}")
 
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
-        """POST /update_weights_from_disk (an HF directory the server can read); raises unless it succeeded."""
-        payload = {"model_path": str(model_path)}
+    def _update(self, path: str, payload: dict[str, Any], what: str, timeout_s: float | None = None) -> None:
+        self._check_update(self._json("POST", path, what, payload, timeout_s=timeout_s), what)
+
+    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None,
+                                 flush_cache: bool = True) -> None:
+        """POST /update_weights_from_disk (UpdateWeightFromDiskReqInput); raises unless it succeeded."""
+        payload: dict[str, Any] = {"model_path": str(model_path), "flush_cache": flush_cache}
         if weight_version is not None:
             payload["weight_version"] = weight_version
-        result = self._json("POST", "/update_weights_from_disk", f"update_weights_from_disk({model_path})", payload)
-        self._check_update(result, f"update_weights_from_disk({model_path})")
+        self._update("/update_weights_from_disk", payload, f"update_weights_from_disk({model_path})")
 
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]], weight_version: str | None = None,
-                                   tp_size: int = 1) -> None:
-        """POST /update_weights_from_tensor: CUDA IPC handles (caller on the server's node; needs sglang)."""
+                                   tp_size: int | None = None, flush_cache: bool = True) -> None:
+        """POST /update_weights_from_tensor: one serialized payload per TP rank (rank r reads entry r,
+        managers/tp_worker.py:200), each a base64 ``MultiprocessingSerializer`` pickle of CUDA IPC handles (caller on
+        the server's node; needs sglang). ``tp_size`` defaults to the server's."""
         utils = import_sglang("sglang.srt.utils")
-        payload_one = utils.MultiprocessingSerializer.serialize(list(named_tensors), output_str=True)
-        payload: dict[str, Any] = {"serialized_named_tensors": [payload_one] * tp_size, "flush_cache": True}
+        named = list(named_tensors)
+        ranks = self.tp_size() if tp_size is None else tp_size
+        payload: dict[str, Any] = {
+            "serialized_named_tensors": [utils.MultiprocessingSerializer.serialize(named, output_str=True)
+                                         for _ in range(ranks)],
+            "flush_cache": flush_cache,
+        }
         if weight_version is not None:
             payload["weight_version"] = weight_version
-        self._check_update(self._json("POST", "/update_weights_from_tensor", "update_weights_from_tensor", payload),
-                           "update_weights_from_tensor")
+        self._update("/update_weights_from_tensor", payload, "update_weights_from_tensor")
 
-    def weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-        """Per-tensor digests from ``vespo-megatron serve`` (POST /get_weights_checksum; not an SGLang endpoint)."""
-        payload = {"names": list(names)} if names is not None else {}
-        return self._json("POST", "/get_weights_checksum", "get_weights_checksum", payload)["tensors"]
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                  group_name: str = "weight_update_group", backend: str = "nccl") -> None:
+        """POST /init_weights_update_group: the server's ranks join the trainer's group as rank_offset + tp_rank."""
+        self._update("/init_weights_update_group", {
+            "master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend,
+        }, f"init_weights_update_group({group_name})")
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], group_name: str = "weight_update_group",
+                                        weight_version: str | None = None, flush_cache: bool = True,
+                                        timeout_s: float | None = None) -> None:
+        """POST /update_weights_from_distributed: the server receives one broadcast per tensor (src 0) of the group."""
+        payload: dict[str, Any] = {"names": list(names), "dtypes": list(dtypes),
+                                   "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
+                                   "flush_cache": flush_cache}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        self._update("/update_weights_from_distributed", payload,
+                     f"update_weights_from_distributed({len(payload['names'])} tensors)", timeout_s)
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        """POST /destroy_weights_update_group."""
+        self._update("/destroy_weights_update_group", {"group_name": group_name},
+                     f"destroy_weights_update_group({group_name})")
+
+    def update_weight_version(self, new_version: str, abort_all_requests: bool = False) -> None:
+        """POST /update_weight_version ({"success", "message", "new_version"}: http_server.py:1539-1545)."""
+        self._update("/update_weight_version", {"new_version": new_version, "abort_all_requests": abort_all_requests},
+                     f"update_weight_version({new_version})")
+
+    # ------------------------------------------------------------------ scheduling control
+    def pause_generation(self, mode: str = "retract") -> None:
+        """POST /pause_generation (PauseGenerationReqInput.mode: abort | retract | in_place)."""
+        self._json("POST", "/pause_generation", "pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        """POST /continue_generation."""
+        self._json("POST", "/continue_generation", "continue_generation", {})
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        """POST /abort_request (AbortReq: rid, abort_all); 200 with an empty body (http_server.py:1721-1730)."""
+        self._request("POST", "/abort_request", f"abort_request({rid or 'all'})", {"rid": rid, "abort_all": abort_all})
+
+    def flush_cache(self) -> bool:
+        """POST /flush_cache: True when flushed; False when requests were running (HTTP 400, http_server.py:1025)."""
+        try:
+            self._request("POST", "/flush_cache", "flush_cache")
+        except RolloutError as err:
+            if "HTTP 400" in str(err):
+                return False
+            raise
+        return True
 
 
 class SGLangEngineClient(_ClientBase):
     """Client of an in-process engine with ``sglang.Engine``'s interface (or the CPU HFEngine)."""
 
-    def __init__(self, engine: Any, *, routing: TraceSpec | None = None):
-        super().__init__(routing)
+    def __init__(self, engine: Any, *, routing: TraceSpec | None = None, require_deterministic: bool = False):
+        super().__init__(routing, require_deterministic)
         self.engine = engine
+
+    @property
+    def name(self) -> str:
+        return f"in-process {type(self.engine).__name__}"
 
     @classmethod
     def launch(cls, *, routing: TraceSpec | None = None, **server_args: Any) -> "SGLangEngineClient":
         """Start ``sglang.Engine(**server_args)`` (e.g. model_path, tp_size, enable_return_routed_experts=True)."""
         return cls(import_sglang().Engine(**server_args), routing=routing)
+
+    def get_server_info(self) -> dict[str, Any]:
+        return self.engine.get_server_info()
 
     def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
         outputs = self.engine.generate(input_ids=[s.prompt for s in samples],
@@ -239,27 +383,39 @@ class SGLangEngineClient(_ClientBase):
                                f"({samples[0].rid}..{samples[-1].rid})")
         return outputs
 
+    def update_weight_version(self, new_version: str) -> None:
+        """Set the served version: ``Engine`` has no method for it, so this sends the request /update_weight_version
+        sends (UpdateWeightVersionReqInput through the tokenizer manager); the CPU HFEngine has the method."""
+        if hasattr(self.engine, "update_weight_version"):
+            self.engine.update_weight_version(new_version)
+            return
+        io_struct = import_sglang("sglang.srt.managers.io_struct")
+        request = io_struct.UpdateWeightVersionReqInput(new_version=new_version, abort_all_requests=False)
+        self.engine.loop.run_until_complete(self.engine.tokenizer_manager.update_weight_version(request))
+
     def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
-        success, message, *_ = self.engine.update_weights_from_disk(str(model_path), **_version(weight_version))
+        """``Engine.update_weights_from_disk(model_path, load_format=None)`` (no version argument), then the version."""
+        success, message, *_ = self.engine.update_weights_from_disk(str(model_path))
         if not success:
             raise RolloutError(f"update_weights_from_disk({model_path}): {message}")
+        if weight_version is not None:
+            self.update_weight_version(weight_version)
 
     def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]],
                                    weight_version: str | None = None) -> None:
-        success, message = self.engine.update_weights_from_tensor(list(named_tensors), **_version(weight_version))
+        """``Engine.update_weights_from_tensor(named_tensors, load_format=None, flush_cache=True)`` (it serializes once
+        per TP rank itself), then the version."""
+        success, message = self.engine.update_weights_from_tensor(list(named_tensors))
         if not success:
             raise RolloutError(f"update_weights_from_tensor: {message}")
+        if weight_version is not None:
+            self.update_weight_version(weight_version)
 
     def get_weight_version(self) -> str:
         return self.engine.get_model_info()["weight_version"]
 
     def weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-        """Per-tensor digests (the CPU HFEngine; sglang.Engine has none: check weights with a probe instead)."""
+        """Per-tensor digests of the CPU HFEngine (sglang.Engine has none comparable: verify with a probe there)."""
         if not hasattr(self.engine, "weights_checksum"):
             raise RolloutError(f"{type(self.engine).__name__} reports no weight digests: verify with a probe")
         return self.engine.weights_checksum(names)
-
-
-def _version(weight_version: str | None) -> dict[str, str]:
-    """``weight_version`` keyword only when set (older sglang.Engine methods do not take it)."""
-    return {} if weight_version is None else {"weight_version": weight_version}

@@ -83,7 +83,7 @@ def mismatched_weights(named_tensors: Iterable[tuple[str, torch.Tensor]],
     """Names of sent tensors the engine does not hold bitwise (after casting to the engine tensor's dtype).
 
     ``engine_digests``: canonical name -> {"dtype": "bfloat16", "digest": ...}, as the engine's
-    ``weights_checksum()`` (and the server's /get_weights_checksum) reports them; a name it lacks counts as mismatched.
+    ``weights_checksum()`` of the in-process CPU engine reports them; a name it lacks counts as mismatched.
     """
     bad: list[str] = []
     for name, tensor in named_tensors:

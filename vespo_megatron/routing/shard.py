@@ -43,7 +43,12 @@ class LocalTrace:
 
 def row_index(trace: PackedTrace, layout: PackLayout) -> np.ndarray:
     """[cp, t] int64: trace row of every local slot of every CP rank, −1 where there is none."""
-    rows, n = trace.rows, layout.seq_lens
+    return rows_index(trace.rows, layout)
+
+
+def rows_index(rows: np.ndarray, layout: PackLayout) -> np.ndarray:
+    """:func:`row_index` from the rows per sequence [S] alone."""
+    n = layout.seq_lens
     if rows.shape != n.shape:
         raise ValueError(f"trace has {rows.size} samples, the micro-batch layout {n.size} sequences")
     bad = (rows != n) & (rows != n - 1)
@@ -69,6 +74,14 @@ def shard(
     if columns != tuple(range(trace.spec.num_moe_layers)):
         ids = ids[:, list(columns)]
     return LocalTrace(ids, index, columns, trace.spec.num_experts)
+
+
+def local_index(rows: np.ndarray, batch: PackedBatch, cp_rank: int, sp_rank: int) -> np.ndarray:
+    """[T] trace row of every slot of CP rank ``cp_rank``, SP rank ``sp_rank`` of a packer micro-batch whose
+    sequences have ``rows`` [S] trace rows each (the ``index`` of its :func:`batch_shard`)."""
+    layout = build_layout(batch.seq_lens, batch.cp, batch.sp, batch.tail_align)
+    lo, hi = layout.sp_bounds[sp_rank], layout.sp_bounds[sp_rank + 1]
+    return rows_index(np.asarray(rows, np.int64), layout)[cp_rank, lo:hi]
 
 
 def batch_shard(

@@ -16,12 +16,20 @@ from vespo_megatron.errors import UsageError
 
 LOSSES = ("vespo", "vespo-lin", "vespo-sqrt", "grpo", "gspo", "sapo", "cispo")
 REPLAY = ("off", "r2", "r3")
+WEIGHT_SYNC = ("auto", "distributed", "disk", "tensor")
 
 HELP: dict[str, str] = {
     "hf_checkpoint": "HF directory (save_pretrained output): the model, its config and the engine's weights",
-    "sglang_url": "running SGLang server; default: start the CPU engine (SGLang protocol) in this process",
+    "sglang_url": "running SGLang server; repeat for several engines (requests spread, weights pushed to all), or an "
+                  "sglang-router URL; default: start the CPU engine (SGLang protocol) in this process",
     "engine_dtype": "dtype of the in-process CPU engine",
-    "weight_sync": "how weights reach the engine after each step",
+    "weight_sync": "how weights reach the engines after each step: distributed (broadcast over a process group the "
+                   "engines join: NCCL on GPU, gloo on CPU), disk (sharded safetensors), tensor (CUDA IPC, same node) "
+                   "or auto (distributed when every engine serves it, else disk)",
+    "weight_sync_bucket_mb": "most MiB per broadcast bucket of the distributed weight sync (rank-0 host memory: one "
+                             "bucket + one tensor)",
+    "weight_sync_master_addr": "address of training rank 0 the engines reach for the distributed weight sync "
+                               "(default: 127.0.0.1 when every engine is local, else this host's address)",
     "tensor_model_parallel_size": "tensor-parallel size (sequence parallel is on when > 1)",
     "pipeline_model_parallel_size": "pipeline-parallel size",
     "expert_model_parallel_size": "expert-parallel size",
@@ -87,9 +95,11 @@ ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++-baseline")
 @dataclass
 class TrainConfig:
     hf_checkpoint: str = ""
-    sglang_url: Optional[str] = None  # None: start the CPU engine (SGLang protocol server) in-process
+    sglang_url: Optional[list[str]] = None  # None: start the CPU engine (SGLang protocol server) in-process
     engine_dtype: str = "bf16"
-    weight_sync: str = "disk"  # how weights reach the engine: "disk" (update_weights_from_disk) or "tensor"
+    weight_sync: str = "auto"  # auto, distributed, disk or tensor (WEIGHT_SYNC)
+    weight_sync_bucket_mb: int = 512
+    weight_sync_master_addr: Optional[str] = None
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
@@ -146,6 +156,10 @@ class TrainConfig:
     eval_greedy: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.sglang_url, str):  # one engine given as a plain URL
+            self.sglang_url = [self.sglang_url]
+
     @property
     def global_batch_size(self) -> int:
         return self.rollout_batch_size * self.n_samples_per_prompt
@@ -178,8 +192,12 @@ class TrainConfig:
                              f"{self.n_samples_per_prompt} samples per prompt)")
         if self.async_rollout and self.max_lag < 1:
             raise UsageError("--max-lag", f"must be >= 1 in asynchronous mode, got {self.max_lag}")
-        if self.weight_sync not in ("disk", "tensor"):
-            raise UsageError("--weight-sync", f"disk or tensor, got {self.weight_sync!r}")
+        if self.weight_sync not in WEIGHT_SYNC:
+            raise UsageError("--weight-sync", f"one of {', '.join(WEIGHT_SYNC)}, got {self.weight_sync!r}")
+        if self.weight_sync_bucket_mb < 1:
+            raise UsageError("--weight-sync-bucket-mb", f"must be >= 1, got {self.weight_sync_bucket_mb}")
+        if self.sglang_url is not None and len(set(self.sglang_url)) != len(self.sglang_url):
+            raise UsageError("--sglang-url", f"an engine is given twice: {self.sglang_url}")
         if self.engine_dtype not in ("bf16", "fp32"):
             raise UsageError("--engine-dtype", f"bf16 or fp32, got {self.engine_dtype!r}")
         if not self.hf_checkpoint:
@@ -255,6 +273,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, default=default, choices=LOSSES, help=text)
         elif f.name == "routing_replay":
             parser.add_argument(flag, default=default, choices=REPLAY, help=text)
+        elif f.name == "sglang_url":
+            parser.add_argument(flag, action="append", default=None, metavar="URL", help=text)
+        elif f.name == "weight_sync":
+            parser.add_argument(flag, default=default, choices=WEIGHT_SYNC, help=text)
         elif f.name == "hf_checkpoint":
             parser.add_argument(flag, required=True, metavar="DIR", help=text)
         else:

@@ -71,8 +71,8 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
     world = world_size or default_world_size(cfg)
     if world % default_world_size(cfg):
         raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp·cp, ep) = {default_world_size(cfg)}")
-    if cfg.sglang_url is not None:
-        check.reachable(cfg.sglang_url)
+    for url in cfg.sglang_url or []:
+        check.reachable(url)
     cfg.validate()
     try:
         hf = load_hf_config(cfg.hf_checkpoint)
@@ -110,5 +110,5 @@ def run_training(cfg: TrainConfig, world_size: Optional[int] = None, mcore_check
 
             engine = HFEngine.from_pretrained(cfg.hf_checkpoint, dtype=cfg.engine_dtype)
             server = stack.enter_context(RolloutServer(engine))
-            cfg = dataclasses.replace(cfg, sglang_url=server.url)
+            cfg = dataclasses.replace(cfg, sglang_url=[server.url])
         return spawn(train_worker, world_size or default_world_size(cfg), cfg, mcore_checkpoint, quiet)[0]

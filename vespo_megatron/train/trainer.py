@@ -1,18 +1,22 @@
 """The RL loop on every rank: rollouts -> rewards -> advantages -> packer -> old log-probs -> N updates -> sync -> eval.
 
-Rank 0 talks to the rollout engine (an SGLang server, or our CPU engine behind the same protocol) and broadcasts
-each step's batch; every rank packs its own data-parallel share (``plan_micro_batches``) for the context-parallel
-size (every sequence padded to a multiple of 2·cp) and takes the label-aligned micro-batches of its CP rank (its
-zig-zag chunks: tokens, rollout log-probs, routing trace) and TP/SP rank. The global batch is split into N = ``num_mini_batches`` mini-batches, each one
+Rank 0 talks to the rollout engines (SGLang servers, or our CPU engine behind the same protocol), plans the step and
+sends every rank only its own share (delivery.py: its data-parallel samples, its CP/SP slice of its stage's routing
+trace); every rank packs its share for the context-parallel size (every sequence padded to a multiple of 2·cp) and
+takes the label-aligned micro-batches of its CP rank (its zig-zag chunks) and TP/SP rank. The global batch is split
+into N = ``num_mini_batches`` mini-batches, each one
 optimizer step normalised by its own response-token count (exact global token-mean). Routing replay: ``r2``
 records π_old's experts in the old-log-prob pass and replays them in the updates; ``r3`` replays the engine's.
-After the N updates the Megatron weights go to the engine (converter's in-memory Megatron -> HF path) and the
-engine's weight version is checked.
+After the N updates the Megatron weights go to every engine (converter's in-memory Megatron -> HF path; by default
+broadcast in buckets over a process group the engines joined) and the engines' weight version is checked; before
+each step an engine that does not hold the current version (restarted, or left paused by an interrupted sync) is
+found and the weights are pushed again.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +39,20 @@ from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.packing import pack, plan_micro_batches
+from vespo_megatron.packing import pack
 from vespo_megatron.routing.replay import RoutingReplay
-from vespo_megatron.routing.shard import batch_shard
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
 from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 
 
 EVAL_SEED_OFFSET = 7_919  # evaluation samples with seeds apart from the training rollouts
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,14 +108,21 @@ class Trainer:
             self.iteration, self.version = meta["iteration"], meta["version"]
             self.data_state = meta.get("data")
         self.rank = dist.get_rank()
+        r = ranks()
+        columns = tuple(self.replay.layer_columns) if self.replay is not None else ()
+        self.delivery = BatchDelivery(RankPlace(r.dp_rank, r.tp_rank, columns, r.cp_rank), self.hf.num_experts_per_tok)
         self.inputs: Optional[RunInputs] = None
-        self.client = self.source = None
-        self._staging = tempfile.mkdtemp(prefix="vespo-weights-")
+        self.client = self.source = self.sync = None
+        # one staging directory for every rank (the disk sync writes shards from each owning rank)
+        box = [tempfile.mkdtemp(prefix="vespo-weights-") if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        self._staging = box[0]
         if self.rank == 0:
-            from vespo_megatron.rollout.sglang import SGLangClient
+            from vespo_megatron.rollout.engines import EnginePool
 
-            self.client = SGLangClient(cfg.sglang_url, routing=self.trace_spec)
+            self.client = EnginePool(cfg.sglang_url, routing=self.trace_spec)
             self.client.wait_until_healthy(timeout_s=120)
+            self.sync = self._weight_sync()
         self.sync_weights()  # the engine starts from the (possibly resumed) training weights
         if self.rank == 0:
             self.inputs = inputs = build_inputs(cfg, self.hf.vocab_size)
@@ -124,34 +138,33 @@ class Trainer:
                            if cfg.async_rollout else SyncRollouts(produce))
 
     # ------------------------------------------------------------------------------------------------ one step
-    def _broadcast(self, batch: Optional[RolloutBatch]) -> RolloutBatch:
-        box = [batch]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def _mini_batches(self, batch: RolloutBatch, advantages: np.ndarray) -> list[list[MicroBatch]]:
-        cfg = self.cfg
+    def _shares(self, batch: RolloutBatch) -> list[list[MiniShare]]:
+        """Rank 0: every rank's share of the step (index = rank), advantages computed once here."""
+        cfg, r = self.cfg, ranks()
+        lengths = torch.tensor([len(rec.response_ids) for rec in batch.records], dtype=torch.float64)
+        advantages = compute_advantages(cfg.advantage_estimator, torch.tensor(batch.rewards), batch.group_ids,
+                                        lengths).numpy()
         samples = batch.samples(advantages)
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
-        size = len(samples) // cfg.num_mini_batches
+        return [plan_shares(samples, trace, cfg.num_mini_batches, r.dp, r.tp, cfg.micro_batch_size, place, cp=r.cp)
+                for place in self.delivery.places]
+
+    def _mini_batches(self, minis: list[MiniShare]) -> list[list[MicroBatch]]:
+        """This rank's share -> its micro-batches of each mini-batch (packed here, routing slice attached)."""
         r = ranks()
-        dp, dp_rank, tp, tp_rank, cp, cp_rank = r.dp, r.dp_rank, r.tp, r.tp_rank, r.cp, r.cp_rank
-        minis = []
-        for k in range(cfg.num_mini_batches):
-            chunk = samples[k * size:(k + 1) * size]
-            lens = [len(s.prompt) + len(s.response) for s in chunk]
-            plan = plan_micro_batches(lens, dp, micro_batch_size=max(1, cfg.micro_batch_size))
-            tokens = float(sum(len(s.response) for s in chunk))
+        out = []
+        for mini in minis:
             mbs = []
-            for ids in plan.micro_batches[dp_rank]:
-                packed = pack([chunk[i] for i in ids], cp=cp, sp=tp, sample_ids=[k * size + i for i in ids])
-                mb = micro_batch(packed, cp_rank, tp_rank)
-                mb.global_tokens, mb.global_seqs = tokens, float(len(chunk))
-                if trace is not None:  # this rank's CP/SP slice of its stage's MoE layers; pads route live
-                    mb.routing = batch_shard(trace, packed, cp_rank, tp_rank, self.replay.layer_columns)
+            for micro in mini.micros:
+                packed = pack(micro.samples, cp=r.cp, sp=r.tp)
+                mb = micro_batch(packed, r.cp_rank, r.tp_rank)
+                mb.global_tokens, mb.global_seqs = mini.global_tokens, mini.global_seqs
+                if micro.routing is not None:  # this rank's CP/SP slice of its stage's MoE layers; pads route live
+                    mb.routing = local_routing(micro.routing, micro.samples, packed, r.cp_rank, r.tp_rank,
+                                               self.replay.layer_columns, self.trace_spec.num_experts)
                 mbs.append(mb)
-            minis.append(mbs)
-        return minis
+            out.append(mbs)
+        return out
 
     def _lr(self) -> float:
         warm = self.cfg.lr_warmup_steps
@@ -159,11 +172,9 @@ class Trainer:
 
     def step(self) -> StepResult:
         cfg, it = self.cfg, self.iteration
-        batch = self._broadcast(self.source.get(it, self.version) if self.rank == 0 else None)
-        lengths = torch.tensor([len(r.response_ids) for r in batch.records], dtype=torch.float64)
-        advantages = compute_advantages(cfg.advantage_estimator, torch.tensor(batch.rewards), batch.group_ids,
-                                        lengths).numpy()
-        minis = self._mini_batches(batch, advantages)
+        self.ensure_engines()
+        batch = self.source.get(it, self.version) if self.rank == 0 else None
+        minis = self._mini_batches(self.delivery.scatter(self._shares(batch) if self.rank == 0 else None))
         flat = [mb for mbs in minis for mb in mbs]
         if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
             with self._phase("old_logprob", flat):
@@ -186,7 +197,8 @@ class Trainer:
             offset += len(mbs)
         self.version += 1
         self.iteration += 1
-        self.data_state = batch.data_state
+        if batch is not None:  # rank 0 holds the batch and the prompt order
+            self.data_state = batch.data_state
         self.sync_weights()
         out = self._reduce_metrics(batch, metrics, grad_norms)
         if self.rank == 0 and cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.inputs.eval_sets:
@@ -210,11 +222,13 @@ class Trainer:
         # r2: the old-log-prob pass recorded every micro-batch of the step; update k replays from its offset
         return self.replay.phase(name, None, first_micro=offset) if name == "update" else self.replay.phase(name)
 
-    def _reduce_metrics(self, batch: RolloutBatch, metrics: list[dict], grad_norms: list[float]) -> dict[str, float]:
+    def _reduce_metrics(self, batch: Optional[RolloutBatch], metrics: list[dict],
+                        grad_norms: list[float]) -> dict[str, float]:
         """Step metrics: loss and entropy summed over every micro-batch and rank (CP ranks hold disjoint token
         shares); the objective's metrics reduced by kind (``*_min``: min, ``*_max``: max, counts: sum, others: mean
         over micro-batches). Sequence counts are complete on every CP rank (the per-sequence sums are all-reduced over
-        CP), so their sum is divided by cp."""
+        CP), so their sum is divided by cp. The batch's own figures (reward, response length, policy lag) on rank 0,
+        which holds the batch."""
         r = ranks()
         report = r.last_stage and r.tp_rank == 0
         mine = [{k: float(v) for k, v in m.items()} for m in metrics] if report else []
@@ -225,13 +239,13 @@ class Trainer:
         out = {
             "loss": sum(m["loss"] for m in rows) / self.cfg.num_mini_batches,
             "entropy": sum(m["entropy_sum"] for m in rows) / max(tokens, 1.0),
-            "reward_mean": float(np.mean(batch.rewards)),
-            "response_len_mean": float(np.mean([len(r.response_ids) for r in batch.records])),
             "grad_norm": float(np.mean(grad_norms)),
             "lr": self._lr(),
-            "policy_lag": float(self.version - 1 - batch.version),
-            **batch.metrics,
         }
+        if batch is not None:
+            out.update(reward_mean=float(np.mean(batch.rewards)),
+                       response_len_mean=float(np.mean([len(r.response_ids) for r in batch.records])),
+                       policy_lag=float(self.version - 1 - batch.version), **batch.metrics)
         for key in (rows[0] if rows else {}):
             if key in ("loss", "entropy_sum", "response_tokens"):
                 continue
@@ -249,21 +263,79 @@ class Trainer:
         return out
 
     # ----------------------------------------------------------------------------------------- weights, saving
-    def sync_weights(self) -> None:
-        """Megatron -> HF names -> engine (disk or tensor update), then check the engine's weight version.
+    def _weight_sync(self) -> Any:
+        """Rank 0: the DistributedSync of ``--weight-sync distributed`` (``auto``: when every engine serves it)."""
+        from vespo_megatron.rollout.weight_sync import DistributedSync, master_address
 
-        The global tensors stream one key at a time to rank 0 (``iter_global``), which converts and sends them."""
+        cfg = self.cfg
+        mode = cfg.weight_sync
+        if mode == "auto":
+            mode = "distributed" if all(self.client.on_all(lambda c: c.serves_distributed_update(),
+                                                           "route check")) else "disk"
+        self.weight_sync_mode = mode
+        if mode != "distributed":
+            return None
+        address = cfg.weight_sync_master_addr or master_address([c.base_url for c in self.client.clients])
+        return DistributedSync(self.client, address, backend="nccl" if torch.cuda.is_available() else "gloo",
+                               bucket_bytes=cfg.weight_sync_bucket_mb << 20)
+
+    def sync_weights(self, repush: bool = False) -> None:
+        """Megatron -> HF names -> every engine, then check the engines' weight version.
+
+        The global tensors stream one key at a time to rank 0 (``iter_global``), which converts and sends them
+        (distributed: in buckets, so rank 0 holds one bucket + one tensor). ``repush``: rebuild the weight-update
+        group first (an engine restarted)."""
         from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 
+        mode = [getattr(self, "weight_sync_mode", None)]
+        dist.broadcast_object_list(mode, src=0)
+        if mode[0] == "disk":
+            return self._sync_disk(repush)
         stream = iter_global(self.model)
         if self.rank != 0:
             for _ in stream:  # every rank takes part in each key's gather
                 pass
             return
         version = f"v{self.version}"
-        push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.cfg.weight_sync,
-                     hf_config=self.hf, staging_dir=self._staging)
+        if repush and self.sync is not None:
+            self.sync.reset()
+        push_weights(self.client, mcore_to_hf_tensors(self.spec, stream), version, via=self.weight_sync_mode,
+                     hf_config=self.hf, staging_dir=self._staging, sync=self.sync,
+                     shard_bytes=self.cfg.weight_sync_bucket_mb << 20)
         verify_weights(self.client, version=version)
+
+    def _sync_disk(self, repush: bool) -> None:
+        """Every rank assembles every world_size-th key, converts it and writes its own safetensors shards; rank 0
+        writes config + index over all ranks' shards and asks the engines to load the directory."""
+        from vespo_megatron.rollout.weight_sync import verify_weights, write_index, write_shards
+
+        world = dist.get_world_size()
+        mine = ((key, tensor) for key, tensor in iter_global(self.model, owner=lambda i: i % world)
+                if tensor is not None)
+        weight_map = write_shards(mcore_to_hf_tensors(self.spec, mine), self._staging, f"model-rank{self.rank:05d}",
+                                  self.cfg.weight_sync_bucket_mb << 20)
+        maps: list = [None] * world
+        dist.all_gather_object(maps, weight_map)
+        if self.rank != 0:
+            return
+        version = f"v{self.version}"
+        merged = {name: file for rank_map in maps for name, file in rank_map.items()}
+        self.client.update_weights_from_disk(str(write_index(self._staging, merged, self.hf)), weight_version=version)
+        verify_weights(self.client, version=version)
+
+    def ensure_engines(self) -> list[str]:
+        """Every rank: find engines without the current weight version (rank 0 asks them) and push again if any.
+
+        Returns the stale engines' URLs (empty on ranks > 0 and when all are current)."""
+        stale = [c.base_url for c in self.client.stale(f"v{self.version}")] if self.rank == 0 else []
+        flag = torch.tensor([len(stale)], dtype=torch.int64)
+        dist.broadcast(flag, src=0)
+        if int(flag):
+            if self.rank == 0:
+                logger.warning("engines %s do not hold weight version v%d: pushing the weights again", stale,
+                               self.version)
+            self.sync_weights(repush=True)
+        return stale
 
     def save(self) -> None:
         checkpoint.save(self.cfg.save, self.iteration, self.version, self.model, self.optimizer, self.hf,
@@ -272,5 +344,9 @@ class Trainer:
     def close(self) -> None:
         if self.source is not None:
             self.source.close()
+        if self.sync is not None:
+            self.sync.close()
+        if self.client is not None:
+            self.client.close()
         if self.replay is not None:
             self.replay.remove()
