@@ -49,6 +49,12 @@ def initial_weights(hf, dtype: torch.dtype, seed: int = 7) -> dict[str, torch.Te
     return weights
 
 
+def weights_rank(rank: int, family: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Rank function (``spawn(weights_rank, 1, family, dtype)``): the 1-rank global weights of ``family``."""
+    init_parallel()
+    return initial_weights(family, dtype)
+
+
 def micro_batches(samples: list[Sample], n_micro: int, sp: int, sp_rank: int, dp: int, dp_rank: int,
                   cp: int = 1, cp_rank: int = 0) -> list[MicroBatch]:
     """Round-robin split into n_micro micro-batches; DP rank d takes every dp-th; packed for (cp, sp), the slots of

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.parallel_cases import initial_weights, make_samples, run_layout
+from tests.distributed.parallel_cases import make_samples, run_layout, weights_rank
 from vespo_megatron.megatron.parallel import init_parallel, spawn
 
 FAMILY, DTYPE, TOL = "qwen3_moe", torch.float64, 1e-10
@@ -20,14 +20,9 @@ N_MICROS = (1, 2)
 LENGTHS = [(1, 1), (2, 1), (3, 1), (2, 3), (4, 3), (3, 5), (5, 6), (6, 8), (1, 2)]
 
 
-def _weights(rank: int) -> dict:
-    init_parallel()
-    return initial_weights(FAMILY, DTYPE)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    weights = spawn(_weights, 1)[0]
+    weights = spawn(weights_rank, 1, FAMILY, DTYPE)[0]
     samples = make_samples(len(LENGTHS), seed=5, lengths=LENGTHS)
     reference = spawn(run_layout, 1, {}, FAMILY, DTYPE, weights, samples, N_MICROS)[0]
     return weights, samples, reference

@@ -3,7 +3,6 @@
 registered loss × aggregation mode (1 rank, fp64), gspo/sapo with and without ``honour_agg_mode``."""
 import itertools
 
-import numpy as np
 import pytest
 import torch
 

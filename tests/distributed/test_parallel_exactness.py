@@ -9,20 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed.parallel_cases import initial_weights, make_samples, run_layout
-from vespo_megatron.megatron.parallel import init_parallel, spawn
+from tests.distributed.parallel_cases import make_samples, run_layout, weights_rank
+from vespo_megatron.megatron.parallel import spawn
 
 FAMILY, DTYPE, TOL = "qwen3_moe", torch.float64, 1e-10
 
 
-def _weights(rank: int) -> dict:
-    init_parallel()
-    return initial_weights(FAMILY, DTYPE)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    weights = spawn(_weights, 1)[0]
+    weights = spawn(weights_rank, 1, FAMILY, DTYPE)[0]
     samples = make_samples(8)
     reference = spawn(run_layout, 1, {}, FAMILY, DTYPE, weights, samples, (1, 2, 4))[0]
     return weights, samples, reference
