@@ -36,6 +36,6 @@ fi
 # SGLang 0.5.23's released wheel, read (never installed: it pins a CUDA torch) by tests/contract, which checks the
 # rollout client and the CPU stand-in against its route table and request types; msgspec loads those types.
 if ! ls .whl/sglang-0.5.23-*.whl >/dev/null 2>&1; then
-  .venv/bin/python -m pip download -q --no-deps sglang==0.5.23 -d .whl
+  "$VENV/bin/python" -m pip download -q --no-deps sglang==0.5.23 -d .whl
 fi
-.venv/bin/python -m pip install -q -c constraints-cpu.txt msgspec==0.22.0
+"$VENV/bin/python" -m pip install -q -c constraints-cpu.txt msgspec==0.22.0
