@@ -3,6 +3,7 @@ sharded_state_dict, loads with megatron's own loader, gives the HF model's logit
 converts back to the HF tensors bitwise."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -176,14 +177,18 @@ class _LocalTwinTEProvider(StandInTEProvider):
     def column_parallel_layer_norm_linear(self):
         return _NormLinear
 
-    def layer_norm(self, rms_norm=False, for_qk=False):
+    def layer_norm(self, rms_norm=False, for_qk=False, has_residual=False):
         return WrappedTorchNorm
 
     def core_attention(self):
         return DotProductAttention
 
-    def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm):
-        return SequentialMLP, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    def grouped_mlp_modules(self, moe_use_grouped_gemm, moe_use_legacy_grouped_gemm=None):
+        """0.16 asks with two flags for (module, submodules); 0.17+ with one flag for an experts builder."""
+        submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        if moe_use_legacy_grouped_gemm is not None:
+            return SequentialMLP, submodules
+        return partial(SequentialMLP, submodules=submodules)
 
 
 def te_twin_model(hf_config):
