@@ -56,6 +56,14 @@ HELP: dict[str, str] = {
     "adam_beta1": "Adam beta1",
     "adam_beta2": "Adam beta2",
     "clip_grad": "gradient-norm clipping",
+    "bf16": "bf16 mixed precision (Megatron's Float16Module; fp32 main params and grads in the optimizer; log-probs "
+            "and the loss in fp32)",
+    "use_distributed_optimizer": "Megatron's DistributedOptimizer: optimizer state sharded over the data-parallel "
+                                 "ranks",
+    "kl_coef": "coefficient of the KL(π‖π_ref) loss term (needs --ref-load)",
+    "kl_loss_type": "KL estimator of the loss term: k1, k2, mse, k3 or low_var_kl",
+    "entropy_coef": "coefficient of the entropy bonus (loss − entropy_coef · H)",
+    "ref_load": "reference policy π_ref for --kl-coef: a Megatron checkpoint directory (default: the initial weights)",
     "train_iters": "RL steps to run",
     "seed": "random seed",
     "async_rollout": "fully asynchronous rollouts (μ = the engine's log-probs)",
@@ -121,6 +129,12 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
+    bf16: bool = False
+    use_distributed_optimizer: bool = False
+    kl_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    ref_load: Optional[str] = None
     train_iters: int = 10
     seed: int = 1234
     async_rollout: bool = False
