@@ -7,7 +7,8 @@ ALL CP ranks (held together before the batch is distributed): label, loss mask a
 those of token p+1 of its sequence. Routing rows stay by input token (row p = the router input of token p).
 
 Shapes: t local slots, S sequences. tokens/position_ids/labels/seq_ids [t] int64; loss_mask/advantages [t] float;
-rollout_log_prob [t] (0 where invalid) with rollout_valid [t] bool; seq_advantages [S]; routing [t/sp, L, K].
+rollout_log_prob [t] (0 where invalid) with rollout_valid [t] bool; old_log_prob / ref_log_prob [t] (set by
+the old-log-prob and reference passes); seq_advantages [S]; routing [t/sp, L, K].
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class MicroBatch:
     rollout_valid: Optional[torch.Tensor] = None
     routing: Optional[np.ndarray] = None
     old_log_prob: Optional[torch.Tensor] = None
+    ref_log_prob: Optional[torch.Tensor] = None  # [t] log π_ref of the labels (the reference pass, --kl-coef)
     # normalisers of the whole global batch (all micro-batches, all DP ranks): response tokens, sequences
     global_tokens: float = 0.0
     global_seqs: float = 0.0

@@ -1,10 +1,12 @@
 """The policy loss handed to Megatron's ``get_forward_backward_func`` (last pipeline stage only).
 
 Per micro-batch (one CP rank's label-aligned slots, see ``batch``):
-1. logp_t, H_t from the vocabulary-parallel logits [t, V/tp] (``logprobs``; no vocabulary gather);
-2. the registered policy loss (``objectives``) on the packed tokens; every per-sequence sum (Σ_t m·lr_t for logW,
-   token counts) is this rank's partial sum, completed by ONE all-reduce of a [k, num_seqs] tensor over the
-   context-parallel group (``cp_seq_sum``), never an all-gather of per-token tensors;
+1. logp_t, H_t from the vocabulary-parallel logits [t, V/tp] (``logprobs``; no vocabulary gather; H_t keeps its
+   gradient when ``entropy_coef`` != 0: ∂H/∂z is part of the same fused backward);
+2. the registered policy loss (``objectives``) on the packed tokens, plus kl_coef·kl_t(logp, ref_log_prob) −
+   entropy_coef·H_t (``objectives.regularizers``) in the same assembly and aggregation; every per-sequence sum
+   (Σ_t m·lr_t for logW, token counts) is this rank's partial sum, completed by ONE all-reduce of a [k, num_seqs]
+   tensor over the context-parallel group (``cp_seq_sum``), never an all-gather of per-token tensors;
 3. aggregation. Exact mode (default): normalised by the WHOLE global batch (response tokens or sequences of all
    micro-batches and data-parallel ranks, ``MicroBatch.global_tokens/global_seqs``), so the sum over micro-batches
    and ranks is the global token-mean whatever the micro-batch split. The model config sets
@@ -23,9 +25,13 @@ from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.logprobs import vocab_parallel_logprobs
-from vespo_megatron.objectives.config import PolicyLossConfig
+from vespo_megatron.objectives.config import PolicyLossConfig, RegularizerConfig
 from vespo_megatron.objectives.packed import PackedPolicyInput, SeqSum
 from vespo_megatron.objectives.policy_loss import assemble_policy_loss, effective_agg_mode
+
+
+REGULARIZER_METRICS = ("kl_loss", "entropy_loss")  # scaled like "loss": their sum over micro-batches and ranks is
+# the step's value (summed, not averaged, by the trainer)
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,8 @@ class LossSettings:
     old_from_rollout: use the rollout engine's log-probs as μ (fully asynchronous training);
     loss_scale_factor: the constant of seq-mean-token-sum-norm; honour_agg_mode: gspo/sapo use ``agg_mode`` instead
     of the official fork's seq-mean-token-mean (as in ``compute_policy_loss``); temperature: the rollout's sampling
-    temperature τ (log-probs of logits / τ, as the engine's)."""
+    temperature τ (log-probs of logits / τ, as the engine's); kl_coef, kl_loss_type, entropy_coef: the regularisers
+    (``--kl-coef`` needs ``MicroBatch.ref_log_prob``; with entropy_coef != 0 the entropy carries its gradient)."""
 
     name: str = "vespo"
     agg_mode: str = "token-mean"
@@ -44,9 +51,18 @@ class LossSettings:
     honour_agg_mode: bool = False
     temperature: float = 1.0
     hparams: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    kl_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         effective_agg_mode(self.name, self.agg_mode, self.honour_agg_mode)  # unknown loss or mode fails here
+        self.regularizer  # bad coefficients or KL type fail here
+
+    @property
+    def regularizer(self) -> RegularizerConfig:
+        """The KL / entropy terms added in the loss assembly."""
+        return RegularizerConfig(kl_coef=self.kl_coef, kl_loss_type=self.kl_loss_type, entropy_coef=self.entropy_coef)
 
 
 def cp_seq_sum(group: Optional[dist.ProcessGroup]) -> SeqSum:
@@ -100,6 +116,9 @@ def objective(
     old = mb.rollout_log_prob if settings.old_from_rollout else mb.old_log_prob
     if old is None:
         raise ValueError("old_log_prob: missing; run the old-log-prob pass first (or use rollout log-probs)")
+    reg = settings.regularizer
+    if reg.kl_coef and mb.ref_log_prob is None:
+        raise ValueError("ref_log_prob: missing; --kl-coef needs the reference pass (Reference.log_probs) first")
     mask = mb.loss_mask
     if settings.old_from_rollout:
         mask = mask * mb.rollout_valid.to(mask.dtype)
@@ -113,17 +132,20 @@ def objective(
         seq_advantages=mb.seq_advantages.to(dtype),
         num_seqs=mb.num_seqs,
         rollout_log_prob=None if mb.rollout_log_prob is None else mb.rollout_log_prob.to(dtype),
-        entropy=entropy.detach(),
+        entropy=entropy if reg.entropy_coef else entropy.detach(),
         seq_sum=seq_sum,
+        ref_log_prob=None if mb.ref_log_prob is None else mb.ref_log_prob.to(dtype),
     )
     exact = settings.exact_global
     loss, loss_metrics = assemble_policy_loss(
         settings.name, inp, settings.hparams, settings.agg_mode,
         global_num_tokens=mb.global_tokens if exact else None, global_num_seqs=mb.global_seqs if exact else None,
-        loss_scale_factor=settings.loss_scale_factor, honour_agg_mode=settings.honour_agg_mode,
+        loss_scale_factor=settings.loss_scale_factor, honour_agg_mode=settings.honour_agg_mode, regularizer=reg,
     )
     if not exact:
         loss = loss / official_divisor
+        loss_metrics.update({key: loss_metrics[key] / official_divisor for key in REGULARIZER_METRICS
+                             if key in loss_metrics})
     local_tokens = mask.sum().to(torch.int)
     metrics = {**loss_metrics, "loss": loss.detach(), "entropy_sum": (entropy.detach() * mask).sum(),
                "response_tokens": local_tokens}

@@ -16,6 +16,7 @@ ALIASES: dict[str, str] = {
     "clip_ratio_c": "clip_c",
 }
 GSPO_FORMS: tuple[str, ...] = ("token", "sequence")
+KL_LOSS_TYPES: tuple[str, ...] = ("k1", "k2", "mse", "k3", "low_var_kl")  # formulas in ``regularizers``
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,31 @@ class PolicyLossConfig:
         low = default[0] if self.eps_low is None else self.eps_low
         high = default[1] if self.eps_high is None else self.eps_high
         return low, high
+
+
+@dataclass(frozen=True)
+class RegularizerConfig:
+    """Coefficients of the regularisers added to every policy loss (formulas in ``regularizers``).
+
+    kl_coef (``--kl-coef``, >= 0): weight of the KL estimate ``kl_loss_type`` (``--kl-loss-type``, one of
+    KL_LOSS_TYPES) against the reference log-probs; entropy_coef (``--entropy-coef``): weight of the entropy bonus
+    (the loss gets − entropy_coef · H_t). Errors name the flag.
+    """
+
+    kl_coef: float = 0.0
+    kl_loss_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check("--kl-coef", self.kl_coef, lambda v: 0 <= v < math.inf, "must be a finite number >= 0")
+        _check("--entropy-coef", self.entropy_coef, math.isfinite, "must be a finite number")
+        if self.kl_loss_type not in KL_LOSS_TYPES:
+            raise ValueError(f"--kl-loss-type: unknown type {self.kl_loss_type!r}; known: {', '.join(KL_LOSS_TYPES)}")
+
+    @property
+    def active(self) -> bool:
+        """True when some term has a non-zero coefficient."""
+        return bool(self.kl_coef or self.entropy_coef)
 
 
 def _check(name: str, value: Any, ok: Any, requirement: str) -> None:

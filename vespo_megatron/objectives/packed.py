@@ -32,7 +32,9 @@ class PackedPolicyInput:
     advantages [N]: per-token advantage (only response tokens are read). response_mask [N]: 1 on response tokens, 0
     elsewhere (bool or 0/1). seq_ids [N]: int64 sequence index in [0, num_seqs). seq_advantages [num_seqs]: the sign
     source of VESPO's asymmetric kernel. rollout_log_prob [N]: log μ of the rollout engine (TIS/MIS only).
-    entropy [N]: token entropy, logged only (non-finite values count as 0). seq_sum: see the module docstring.
+    entropy [N]: token entropy, logged (non-finite values count as 0), and the entropy bonus's term (with its
+    gradient) when the assembly's entropy_coef != 0. ref_log_prob [N]: log π_ref of the sampled tokens (the KL
+    term's reference; no gradient). seq_sum: see the module docstring.
     Non-finite log-probs are allowed: they give weight 0 (see ``batch_terms``).
     """
 
@@ -46,6 +48,7 @@ class PackedPolicyInput:
     rollout_log_prob: Tensor | None = None
     entropy: Tensor | None = None
     seq_sum: SeqSum = identity_seq_sum
+    ref_log_prob: Tensor | None = None
 
     def __post_init__(self) -> None:
         _require_tensor("log_prob", self.log_prob, floating=True)
@@ -54,9 +57,10 @@ class PackedPolicyInput:
         if self.log_prob.numel() == 0:
             raise ValueError("log_prob: empty batch (0 tokens)")
         shape = tuple(self.log_prob.shape)
-        for name in ("old_log_prob", "advantages", "response_mask", "seq_ids", "rollout_log_prob", "entropy"):
+        optional = ("rollout_log_prob", "entropy", "ref_log_prob")
+        for name in ("old_log_prob", "advantages", "response_mask", "seq_ids", *optional):
             value = getattr(self, name)
-            if value is None and name in ("rollout_log_prob", "entropy"):
+            if value is None and name in optional:
                 continue
             _require_tensor(name, value, floating=name not in ("response_mask", "seq_ids"))
             if tuple(value.shape) != shape:
@@ -77,7 +81,7 @@ class PackedPolicyInput:
         on_response = self.response_mask.bool()
         if not bool(torch.isfinite(self.advantages[on_response]).all()):
             raise ValueError("advantages: non-finite value on a response token")
-        for name in ("log_prob", "old_log_prob", "rollout_log_prob"):  # ±inf / NaN are allowed (weight 0)
+        for name in ("log_prob", "old_log_prob", "rollout_log_prob", "ref_log_prob"):  # ±inf / NaN are allowed (weight 0)
             value = getattr(self, name)
             response_values = None if value is None else value.detach()[on_response]
             if response_values is not None and bool(

@@ -1,8 +1,8 @@
 """The public API of the policy objectives, and the one place a policy loss is assembled (pure torch).
 
 ``compute_policy_loss(name, log_prob, old_log_prob, advantages, response_mask, loss_agg_mode="token-mean",
-rollout_log_prob=None, *, entropy=None, global_num_tokens=None, global_num_seqs=None, loss_scale_factor=None,
-honour_agg_mode=False, **hparams) -> (loss, metrics)``
+rollout_log_prob=None, *, entropy=None, ref_log_prob=None, global_num_tokens=None, global_num_seqs=None,
+loss_scale_factor=None, honour_agg_mode=False, regularizer=None, **hparams) -> (loss, metrics)``
     verl's padded convention: every tensor is [batch, response_len]; ``response_mask`` is 1 on response tokens
     (every row needs one); the sequence advantage (VESPO's sign source) is ``advantages[:, 0]``. ``loss`` is a
     scalar tensor carrying the gradient of ``log_prob``; ``metrics`` is a dict of floats. The batch is flattened to
@@ -27,6 +27,10 @@ or ``global_num_seqs`` (seq-mean-*) of the whole global batch to get contributio
 value. ``loss_scale_factor`` is the constant of seq-mean-token-sum-norm (padded API default: response_len). gspo and
 sapo always use seq-mean-token-mean as in the official fork unless ``honour_agg_mode=True``.
 
+Regularisers (``regularizer=RegularizerConfig(kl_coef, kl_loss_type, entropy_coef)``, formulas in ``regularizers``):
+kl_coef·kl_t(logπ_θ, ``ref_log_prob``) − entropy_coef·H_t (``entropy``, differentiable) is added to the per-token
+loss and aggregated with it; metrics ``kl_loss`` / ``entropy_loss``.
+
 Errors: ValueError naming the field for mismatched shapes, an empty batch, a mask without response token (or a row
 without one in the padded API), log-probs above 0 (beyond 1e-4), non-finite advantages, unknown names / modes /
 hyper-parameters and out-of-range hyper-parameters. NaN/inf log-probs are not errors: the affected token (token-level
@@ -40,9 +44,10 @@ import torch
 from torch import Tensor
 
 from vespo_megatron.objectives.aggregate import aggregate_loss, check_agg_mode
-from vespo_megatron.objectives.config import PolicyLossConfig
+from vespo_megatron.objectives.config import PolicyLossConfig, RegularizerConfig
 from vespo_megatron.objectives.losses import get_policy_loss
 from vespo_megatron.objectives.packed import PackedPolicyInput
+from vespo_megatron.objectives.regularizers import regularizer_terms
 
 
 def effective_agg_mode(name: str, loss_agg_mode: str, honour_agg_mode: bool = False) -> str:
@@ -63,24 +68,36 @@ def assemble_policy_loss(
     loss_scale_factor: float | None = None,
     honour_agg_mode: bool = False,
     aggregate: Callable[[Tensor], Tensor] | None = None,
+    regularizer: RegularizerConfig | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """THE assembly of a policy loss, used by every path (pure API, Megatron loss, integrations).
 
-    Registry loss ``name`` on ``inp`` with hyper-parameters ``cfg`` -> per-token loss [num_tokens], then aggregation
-    in :func:`effective_agg_mode` with the given global normalisers (None: this call's own), or by the caller's own
-    normaliser ``aggregate`` of the per-token loss [num_tokens] (a framework's, e.g. slime's sum_of_sample_mean).
+    Registry loss ``name`` on ``inp`` with hyper-parameters ``cfg`` -> per-token loss L_t [num_tokens], plus the
+    ``regularizer`` R_t = kl_coef·kl_t − entropy_coef·H_t on the trained tokens (``regularizers``; needs
+    ``inp.ref_log_prob`` / ``inp.entropy`` with its gradient), then ONE aggregation of L_t + R_t in
+    :func:`effective_agg_mode` with the given global normalisers (None: this call's own), or by the caller's own
+    normaliser ``aggregate`` of a per-token tensor [num_tokens] (a framework's, e.g. slime's sum_of_sample_mean).
 
     Returns:
-        (scalar loss carrying the gradient of ``inp.log_prob``, float metrics).
+        (scalar loss carrying the gradient of ``inp.log_prob`` (and of ``inp.entropy`` when entropy_coef != 0),
+        float metrics; with a regulariser also ``kl_loss`` = agg(kl_t) and ``entropy_loss`` = agg(H_t), the terms
+        without their coefficients, aggregated as the loss).
     """
     mode = effective_agg_mode(name, loss_agg_mode, honour_agg_mode)
     out = get_policy_loss(name).fn(inp, cfg)
-    if aggregate is not None:
-        return aggregate(out.token_loss), out.metrics
-    loss = aggregate_loss(out.token_loss, inp.seq_ids, out.seq_token_counts, mode,
-                          global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-                          loss_scale_factor=loss_scale_factor)
-    return loss, out.metrics
+    if aggregate is None:
+        def aggregate(token_values: Tensor) -> Tensor:
+            return aggregate_loss(token_values, inp.seq_ids, out.seq_token_counts, mode,
+                                  global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
+                                  loss_scale_factor=loss_scale_factor)
+
+    token_loss, metrics = out.token_loss, out.metrics
+    if regularizer is not None and regularizer.active:
+        trained = inp.response_mask.bool() & (out.seq_token_counts[inp.seq_ids] > 0)
+        term, parts = regularizer_terms(inp, trained, regularizer)
+        token_loss = token_loss + term.to(token_loss.dtype)
+        metrics = {**metrics, **{key: float(aggregate(value.to(token_loss.dtype))) for key, value in parts.items()}}
+    return aggregate(token_loss), metrics
 
 
 def packed_policy_loss(
@@ -92,6 +109,7 @@ def packed_policy_loss(
     global_num_seqs: float | None = None,
     loss_scale_factor: float | None = None,
     honour_agg_mode: bool = False,
+    regularizer: RegularizerConfig | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """Scalar loss and float metrics of policy loss ``name`` on the packed layout (see the module docstring)."""
@@ -99,7 +117,7 @@ def packed_policy_loss(
     return assemble_policy_loss(
         name, inp, PolicyLossConfig.from_hparams(**hparams), loss_agg_mode,
         global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs,
-        loss_scale_factor=loss_scale_factor, honour_agg_mode=honour_agg_mode,
+        loss_scale_factor=loss_scale_factor, honour_agg_mode=honour_agg_mode, regularizer=regularizer,
     )
 
 
@@ -113,10 +131,12 @@ def compute_policy_loss(
     rollout_log_prob: Tensor | None = None,
     *,
     entropy: Tensor | None = None,
+    ref_log_prob: Tensor | None = None,
     global_num_tokens: float | None = None,
     global_num_seqs: float | None = None,
     loss_scale_factor: float | None = None,
     honour_agg_mode: bool = False,
+    regularizer: RegularizerConfig | None = None,
     **hparams: Any,
 ) -> tuple[Tensor, dict[str, float]]:
     """Policy loss ``name`` on verl's padded [batch, response_len] tensors (see the module docstring)."""
@@ -127,9 +147,9 @@ def compute_policy_loss(
     if log_prob.numel() == 0:
         raise ValueError(f"log_prob: empty batch, shape {tuple(log_prob.shape)}")
     padded = {"old_log_prob": old_log_prob, "advantages": advantages, "response_mask": response_mask,
-              "rollout_log_prob": rollout_log_prob, "entropy": entropy}
+              "rollout_log_prob": rollout_log_prob, "entropy": entropy, "ref_log_prob": ref_log_prob}
     for field, value in padded.items():
-        if value is None and field in ("rollout_log_prob", "entropy"):
+        if value is None and field in ("rollout_log_prob", "entropy", "ref_log_prob"):
             continue
         if not isinstance(value, Tensor):
             raise ValueError(f"{field}: expected a torch.Tensor, got {type(value).__name__}")
@@ -153,5 +173,6 @@ def compute_policy_loss(
         global_num_seqs=global_num_seqs,
         loss_scale_factor=response_len if loss_scale_factor is None else loss_scale_factor,
         honour_agg_mode=honour_agg_mode,
+        regularizer=regularizer,
         **hparams,
     )

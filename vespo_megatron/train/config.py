@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vespo_megatron.errors import UsageError
+from vespo_megatron.objectives.config import KL_LOSS_TYPES, RegularizerConfig
 
 LOSSES = ("vespo", "vespo-lin", "vespo-sqrt", "grpo", "gspo", "sapo", "cispo")
 REPLAY = ("off", "r2", "r3")
@@ -60,10 +61,12 @@ HELP: dict[str, str] = {
             "and the loss in fp32)",
     "use_distributed_optimizer": "Megatron's DistributedOptimizer: optimizer state sharded over the data-parallel "
                                  "ranks",
-    "kl_coef": "coefficient of the KL(π‖π_ref) loss term (needs --ref-load)",
-    "kl_loss_type": "KL estimator of the loss term: k1, k2, mse, k3 or low_var_kl",
+    "kl_coef": "coefficient of the KL(π‖π_ref) loss term against the frozen reference (--ref-load; default: the "
+               "initial weights)",
+    "kl_loss_type": f"KL estimator of the loss term: {', '.join(KL_LOSS_TYPES)} (k2 = mse, k3 = low_var_kl)",
     "entropy_coef": "coefficient of the entropy bonus (loss − entropy_coef · H)",
-    "ref_load": "reference policy π_ref for --kl-coef: a Megatron checkpoint directory (default: the initial weights)",
+    "ref_load": "reference policy π_ref for --kl-coef: a Megatron checkpoint directory or a --save directory (its "
+                "latest iteration); default: the initial weights",
     "train_iters": "RL steps to run",
     "seed": "random seed",
     "async_rollout": "fully asynchronous rollouts (μ = the engine's log-probs)",
@@ -187,6 +190,10 @@ class TrainConfig:
             PolicyLossConfig.from_hparams(**self.hparams)  # unknown or out-of-range --loss-hparam fails here
         except ValueError as err:
             raise UsageError("--loss-hparam", str(err)) from err
+        if self.kl_coef and self.ref_load:
+            from vespo_megatron.train.reference import resolve_ref_load
+
+            resolve_ref_load(self.ref_load)  # a directory that holds no usable reference fails here
         return self
 
     def check_flags(self) -> None:
@@ -257,6 +264,13 @@ class TrainConfig:
                              "must be >= 0 (interval) and >= 1 (samples)")
         if self.eval_prompt_data and not self.eval_interval:
             raise UsageError("--eval-interval", "set it (> 0) to evaluate the --eval-prompt-data sets")
+        try:  # --kl-coef, --kl-loss-type, --entropy-coef (the ValueError names the flag)
+            RegularizerConfig(kl_coef=self.kl_coef, kl_loss_type=self.kl_loss_type, entropy_coef=self.entropy_coef)
+        except ValueError as err:
+            flag, _, what = str(err).partition(": ")
+            raise UsageError(flag, what) from None
+        if self.ref_load and not self.kl_coef:
+            raise UsageError("--ref-load", "the reference is used only by the KL term; set --kl-coef > 0")
 
 
 def _flag(name: str) -> str:

@@ -32,7 +32,7 @@ from vespo_megatron.convert.spec import model_spec
 from vespo_megatron.hf_config import load_hf_config, num_experts
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
 from vespo_megatron.megatron.checkpointing import load_model
-from vespo_megatron.megatron.loss import LossSettings
+from vespo_megatron.megatron.loss import REGULARIZER_METRICS, LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
 from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
@@ -46,6 +46,7 @@ from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
 from vespo_megatron.train.inputs import RunInputs, build_inputs
+from vespo_megatron.train.reference import Reference
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 
 
@@ -91,6 +92,8 @@ class Trainer:
             load_model(self.model, mcore_checkpoint, what="--mcore-checkpoint")
         else:
             load_global(self.model, dict(hf_to_mcore_tensors(self.spec, _hf_tensors_getter(cfg.hf_checkpoint))))
+        self.reference = (Reference.build(self.hf, self.model, ref_load=cfg.ref_load, routing_replay=cfg.routing_replay,
+                                          bf16=cfg.bf16) if cfg.kl_coef else None)  # π_ref: the initial weights
         self.ddp = wrap_ddp(self.model)
         self.optimizer = build_optimizer(self.ddp, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
@@ -98,7 +101,8 @@ class Trainer:
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
                                      exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
                                      honour_agg_mode=cfg.honour_agg_mode, temperature=cfg.temperature,
-                                     hparams=PolicyLossConfig.from_hparams(**cfg.hparams))
+                                     hparams=PolicyLossConfig.from_hparams(**cfg.hparams), kl_coef=cfg.kl_coef,
+                                     kl_loss_type=cfg.kl_loss_type, entropy_coef=cfg.entropy_coef)
         pattern = moe_layer_pattern(self.hf)
         self.trace_spec = TraceSpec.from_layer_pattern(pattern, num_experts(self.hf), self.hf.num_experts_per_tok)
         self.iteration, self.version = 0, 0
@@ -181,6 +185,8 @@ class Trainer:
                 olds = old_log_probs(self.ddp, flat, temperature=cfg.temperature)
             for mb, old in zip(flat, olds):
                 mb.old_log_prob = old
+        if self.reference is not None:  # log π_ref next to π_old, with the routing of that pass
+            self.reference.attach(flat, temperature=cfg.temperature)
         metrics: list[dict] = []
         grad_norms = []
         offset = 0
@@ -238,6 +244,8 @@ class Trainer:
         tokens = sum(m["response_tokens"] for m in rows)
         out = {
             "loss": sum(m["loss"] for m in rows) / self.cfg.num_mini_batches,
+            **{key: sum(m[key] for m in rows) / self.cfg.num_mini_batches for key in REGULARIZER_METRICS
+               if rows and key in rows[0]},
             "entropy": sum(m["entropy_sum"] for m in rows) / max(tokens, 1.0),
             "grad_norm": float(np.mean(grad_norms)),
             "lr": self._lr(),
@@ -247,7 +255,7 @@ class Trainer:
                        response_len_mean=float(np.mean([len(r.response_ids) for r in batch.records])),
                        policy_lag=float(self.version - 1 - batch.version), **batch.metrics)
         for key in (rows[0] if rows else {}):
-            if key in ("loss", "entropy_sum", "response_tokens"):
+            if key in ("loss", "entropy_sum", "response_tokens", *REGULARIZER_METRICS):
                 continue
             values = [m[key] for m in rows]
             if key.endswith("_min"):
@@ -350,3 +358,5 @@ class Trainer:
             self.client.close()
         if self.replay is not None:
             self.replay.remove()
+        if self.reference is not None:
+            self.reference.close()

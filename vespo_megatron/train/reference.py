@@ -1,0 +1,91 @@
+"""The frozen reference policy π_ref of the KL term (``--kl-coef``, ``--ref-load``).
+
+π_ref is a second Megatron model of the policy's architecture and parallel layout (this rank holds the same shards
+as for the policy), built only when kl_coef != 0: its weights come from ``--ref-load`` (a Megatron distributed
+checkpoint directory, as our converter writes, or a training ``--save`` directory, whose latest iteration is read),
+or by default from the policy's initial weights (copied before any ``--load`` resume, so a resumed run keeps the
+reference of its first step). It has no gradients, no DDP wrapper and no optimizer, and in bf16 runs holds bf16
+weights (the values the policy's bf16 model computes with at the start). Its log-probs log π_ref(y_t) [t] of each
+micro-batch are computed in the old-log-prob pass of every step, of logits / τ as π_old's, and with the routing of
+that pass: R3 replays the rollout engine's experts in π_ref as in π_old; otherwise (R2 records π_old's live routing,
+or no replay) π_ref routes live. With π_ref = the initial weights, the KL of the first update of step 0 is exactly 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from vespo_megatron.errors import UsageError
+from vespo_megatron.megatron.batch import MicroBatch
+from vespo_megatron.megatron.checkpointing import is_checkpoint, load_model
+from vespo_megatron.megatron.model import build_model
+from vespo_megatron.megatron.step import old_log_probs
+from vespo_megatron.routing.replay import RoutingReplay
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_ref_load(path: str) -> Path:
+    """The Megatron checkpoint directory of ``--ref-load``: ``path`` itself, or the model of the latest iteration of
+    a training save. UsageError naming the flag when it is neither."""
+    root = Path(path)
+    if is_checkpoint(root):
+        return root
+    marker = root / "latest"
+    if marker.is_file():
+        model = root / marker.read_text().strip() / "model"
+        if is_checkpoint(model):
+            return model
+    raise UsageError("--ref-load", f"{path}: neither a Megatron distributed checkpoint (metadata.json) nor a training "
+                     "save (latest -> iter_*/model); the KL term of --kl-coef needs a usable reference")
+
+
+class Reference:
+    """π_ref on this rank: the frozen model and, under R3, its own routing replay (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, routing_replay: str) -> None:
+        self.model = model
+        self.replay = RoutingReplay(model, "r3") if routing_replay == "r3" else None
+
+    @classmethod
+    def build(cls, hf, policy: torch.nn.Module, *, ref_load: Optional[str], routing_replay: str,
+              bf16: bool = False) -> "Reference":
+        """π_ref of the policy model ``policy`` (built from HF config ``hf``, weights already loaded, before any
+        resume): from ``ref_load`` (collective load on every rank) or a copy of ``policy``'s weights."""
+        model = build_model(hf, dtype=torch.float32)
+        if ref_load:
+            load_model(model, resolve_ref_load(ref_load), what="--ref-load")
+        else:
+            model.load_state_dict(policy.state_dict())
+        if bf16:  # the values the policy's bf16 model computes with; the config as build_model(dtype=bf16) sets it
+            model = model.bfloat16()
+            model.config.params_dtype = model.config.pipeline_dtype = torch.bfloat16
+            model.config.bf16 = True
+        model.requires_grad_(False)
+        model.eval()
+        logger.info("reference model π_ref from %s", ref_load or "the initial weights")
+        return cls(model, routing_replay)
+
+    @torch.no_grad()
+    def log_probs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0) -> list[Optional[torch.Tensor]]:
+        """log π_ref [t] of every micro-batch's labels (logits / ``temperature``); None off the last pipeline stage."""
+        phase = (self.replay.phase("old_logprob", [mb.routing for mb in micro_batches]) if self.replay is not None
+                 else contextlib.nullcontext())
+        with phase:
+            out = old_log_probs(self.model, micro_batches, temperature=temperature)
+        if self.replay is not None:
+            self.replay.health.pop()  # π_old's pass reports the replay health; this one's counters are dropped
+        return out
+
+    def attach(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0) -> None:
+        """Set ``mb.ref_log_prob`` of every micro-batch (collective over the model's groups)."""
+        for mb, ref in zip(micro_batches, self.log_probs(micro_batches, temperature)):
+            mb.ref_log_prob = ref
+
+    def close(self) -> None:
+        if self.replay is not None:
+            self.replay.remove()
