@@ -38,6 +38,21 @@ def mcore_checkpoint(path: str | Path, flag: str) -> Path:
     return path
 
 
+def model_checkpoint_or_save(path: str | Path, flag: str) -> Path:
+    """The Megatron checkpoint of ``path``: ``path`` itself, or the model of the latest iteration of a training save
+    (``latest`` -> ``iter_*/model``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UsageError(flag, f"{path}: no such directory")
+    marker = path / "latest"
+    if not (path / "metadata.json").is_file() and marker.is_file():
+        return mcore_checkpoint(path / marker.read_text().strip() / "model", flag)
+    if not (path / "metadata.json").is_file():
+        raise UsageError(flag, f"{path}: neither a Megatron distributed checkpoint (metadata.json) nor a training "
+                         "save (latest -> iter_*/model)")
+    return path
+
+
 def existing_file(path: str | Path, flag: str) -> Path:
     if not Path(path).is_file():
         raise UsageError(flag, f"{path}: no such file")

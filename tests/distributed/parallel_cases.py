@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from vespo_megatron.megatron.batch import MicroBatch, micro_batch
-from vespo_megatron.megatron.loss import LossSettings
+from vespo_megatron.megatron.loss import REGULARIZER_METRICS, LossSettings
 from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.parallel import init_parallel
@@ -17,6 +17,7 @@ from vespo_megatron.megatron.step import forward_backward, old_log_probs, wrap_d
 from vespo_megatron.megatron.weights import export_global, load_global
 from vespo_megatron.packing.reference import pack, unpack
 from vespo_megatron.packing.sample import Sample
+from vespo_megatron.train.reference import Reference
 
 
 def make_samples(n: int, seed: int = 0, vocab: int = 256,
@@ -93,13 +94,21 @@ def per_sample_logp(mbs: list[MicroBatch], logps: list[torch.Tensor]) -> dict[in
 
 
 def run_layout(rank: int, layout: dict, family: str, dtype: torch.dtype, weights: dict, samples: list[Sample],
-               n_micros: tuple[int, ...], loss: str = "vespo") -> list[dict]:
+               n_micros: tuple[int, ...], loss: str = "vespo", ref_weights: Optional[dict] = None,
+               settings: Optional[dict] = None) -> list[dict]:
     """Build the model under ``layout``, load ``weights``, run the old-log-prob pass and one forward-backward per
     micro-batch count; returns per count: loss share (each CP rank reports its share), per-sample log-probs (whole
-    sequences, unsharded over CP), global grads (rank 0)."""
+    sequences, unsharded over CP), global grads (rank 0). ``ref_weights``: a frozen reference model (same layout)
+    whose log-probs are attached next to the old-log-prob pass; ``settings``: more LossSettings fields (kl_coef,
+    entropy_coef, ...)."""
     init_parallel(**layout)
     model = build_model(tiny_hf_config(family), dtype=dtype)
     load_global(model, weights)
+    reference = None
+    if ref_weights is not None:
+        ref_model = build_model(tiny_hf_config(family), dtype=dtype)
+        load_global(ref_model, ref_weights)
+        reference = Reference(ref_model.requires_grad_(False), routing_replay="off")
     ddp = wrap_ddp(model)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sp = parallel_state.get_tensor_model_parallel_world_size()
@@ -113,10 +122,14 @@ def run_layout(rank: int, layout: dict, family: str, dtype: torch.dtype, weights
         olds = old_log_probs(ddp, mbs)
         if last:
             mbs = [mb.with_old_log_prob(o) for mb, o in zip(mbs, olds)]
-        metrics = forward_backward(ddp, mbs, LossSettings(name=loss, old_from_rollout=True))
+        if reference is not None:
+            reference.attach(mbs)
+        metrics = forward_backward(ddp, mbs, LossSettings(name=loss, old_from_rollout=True, **(settings or {})))
         results.append({
             "report": last and tp_rank == 0,
             "loss": float(sum(m["loss"] for m in metrics)) if last else None,
+            **{key: float(sum(m[key] for m in metrics)) if last else None for key in REGULARIZER_METRICS
+               if metrics and key in metrics[0]},
             "logp": per_sample_logp(mbs, olds) if last else None,
             "grads": export_global(model, grads=True),
         })

@@ -190,10 +190,10 @@ class TrainConfig:
             PolicyLossConfig.from_hparams(**self.hparams)  # unknown or out-of-range --loss-hparam fails here
         except ValueError as err:
             raise UsageError("--loss-hparam", str(err)) from err
-        if self.kl_coef and self.ref_load:
-            from vespo_megatron.train.reference import resolve_ref_load
+        if self.kl_coef and self.ref_load:  # a directory without a usable reference fails here (no torch import)
+            from vespo_megatron import preflight
 
-            resolve_ref_load(self.ref_load)  # a directory that holds no usable reference fails here
+            preflight.model_checkpoint_or_save(self.ref_load, "--ref-load")
         return self
 
     def check_flags(self) -> None:

@@ -14,34 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from vespo_megatron.errors import UsageError
+from vespo_megatron import preflight
 from vespo_megatron.megatron.batch import MicroBatch
-from vespo_megatron.megatron.checkpointing import is_checkpoint, load_model
+from vespo_megatron.megatron.checkpointing import load_model
 from vespo_megatron.megatron.model import build_model
 from vespo_megatron.megatron.step import old_log_probs
 from vespo_megatron.routing.replay import RoutingReplay
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_ref_load(path: str) -> Path:
-    """The Megatron checkpoint directory of ``--ref-load``: ``path`` itself, or the model of the latest iteration of
-    a training save. UsageError naming the flag when it is neither."""
-    root = Path(path)
-    if is_checkpoint(root):
-        return root
-    marker = root / "latest"
-    if marker.is_file():
-        model = root / marker.read_text().strip() / "model"
-        if is_checkpoint(model):
-            return model
-    raise UsageError("--ref-load", f"{path}: neither a Megatron distributed checkpoint (metadata.json) nor a training "
-                     "save (latest -> iter_*/model); the KL term of --kl-coef needs a usable reference")
 
 
 class Reference:
@@ -58,7 +42,7 @@ class Reference:
         resume): from ``ref_load`` (collective load on every rank) or a copy of ``policy``'s weights."""
         model = build_model(hf, dtype=torch.float32)
         if ref_load:
-            load_model(model, resolve_ref_load(ref_load), what="--ref-load")
+            load_model(model, preflight.model_checkpoint_or_save(ref_load, "--ref-load"), what="--ref-load")
         else:
             model.load_state_dict(policy.state_dict())
         if bf16:  # the values the policy's bf16 model computes with; the config as build_model(dtype=bf16) sets it
