@@ -21,7 +21,8 @@ slime calls ``fn(args, batch, logits, sum_of_sample_mean)`` on the last pipeline
 Per micro-batch: token log-probs and entropy from the vocabulary-parallel logits (``vocab_parallel_logprobs`` over
 slime's TP group, logits divided by ``rollout_temperature`` as slime does); the registered objective on the packed
 tokens, whose per-sequence log-W is completed by ONE all-reduce of a [k, num_seqs] tensor over slime's CP group
-(``cp_seq_sum``); loss = sum_of_sample_mean(L) − entropy_coef·sum_of_sample_mean(H) with L_t = −φ_i·A_t·logπ_t.
+(``cp_seq_sum``); loss = sum_of_sample_mean(L − entropy_coef·H) with L_t = −φ_i·A_t·logπ_t, in the one loss
+assembly (the entropy term is its regulariser).
 
 Configuration, from slime's args (``--custom-config-path`` YAML keys become args):
 - ``vespo_k_pos``, ``vespo_lambda_pos``, ``vespo_k_neg``, ``vespo_lambda_neg`` (the official k / λ; absent or None:
@@ -51,7 +52,7 @@ from torch import Tensor
 from vespo_megatron.megatron.logprobs import vocab_parallel_logprobs
 from vespo_megatron.megatron.loss import cp_seq_sum
 from vespo_megatron.megatron.parallel import loss_groups, ranks
-from vespo_megatron.objectives import PackedPolicyInput, PolicyLossConfig, assemble_policy_loss
+from vespo_megatron.objectives import PackedPolicyInput, PolicyLossConfig, RegularizerConfig, assemble_policy_loss
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ def slime_policy_loss(
     if (cfg.tis or from_rollout) and not _has(batch, "rollout_log_probs"):
         flag = "use_tis" if cfg.tis else "use_rollout_logprobs"
         raise ValueError(f"rollout_log_probs: missing from the batch; {flag} needs the rollout engine's log-probs")
+    reg = RegularizerConfig(entropy_coef=float(getattr(args, "entropy_coef", 0.0) or 0.0))
     tp_group, cp_group = loss_groups()
     place = ranks()
     rows, positions, seq_ids, response_index = response_layout(totals, responses, place.cp_rank, place.cp,
@@ -207,19 +209,22 @@ def slime_policy_loss(
     inp = PackedPolicyInput(
         log_prob=one(logp), old_log_prob=one(old), advantages=one(advantages), response_mask=one(mask),
         seq_ids=seq_ids if not empty else torch.zeros(1, dtype=torch.int64, device=device), seq_advantages=seq_adv,
-        num_seqs=num_seqs, rollout_log_prob=None if rollout is None else one(rollout), entropy=one(entropy.detach()),
-        seq_sum=cp_seq_sum(cp_group),
+        num_seqs=num_seqs, rollout_log_prob=None if rollout is None else one(rollout),
+        entropy=one(entropy if reg.entropy_coef else entropy.detach()), seq_sum=cp_seq_sum(cp_group),
     )
     local = rows.numel()  # the per-token loss of this rank's response tokens (the placeholder dropped)
-    pg_loss, loss_metrics = assemble_policy_loss(name, inp, cfg, aggregate=lambda t: sum_of_sample_mean(t[:local]))
-    entropy_loss = sum_of_sample_mean(entropy)
-    loss = pg_loss - float(getattr(args, "entropy_coef", 0.0) or 0.0) * entropy_loss
+    loss, loss_metrics = assemble_policy_loss(name, inp, cfg, aggregate=lambda t: sum_of_sample_mean(t[:local]),
+                                              regularizer=reg)
+    entropy_loss = loss_metrics.pop("entropy_loss", None)
+    if entropy_loss is None:  # logged also without the entropy term
+        entropy_loss = sum_of_sample_mean(entropy.detach())
+    pg_loss = loss.detach() + reg.entropy_coef * entropy_loss
     if empty:
         loss = loss + 0 * logits.sum()  # as slime does: backward reaches the logits on every rank
     weight = torch.as_tensor(sum_of_sample_mean(torch.ones_like(logp[:local])), dtype=torch.float64).detach()
     metrics: dict[str, Tensor] = {
-        "loss": loss.detach().clone(), "pg_loss": torch.as_tensor(pg_loss).detach().clone(),
-        "entropy_loss": torch.as_tensor(entropy_loss).detach().clone(),
+        "loss": loss.detach().clone(), "pg_loss": torch.as_tensor(pg_loss, dtype=loss.dtype).detach().clone(),
+        "entropy_loss": torch.as_tensor(entropy_loss, dtype=loss.dtype).detach().clone(),
         "ppo_kl": torch.as_tensor(sum_of_sample_mean(old - logp.detach())).detach(),
     }
     metrics.update({key: weight * value for key, value in loss_metrics.items()})
