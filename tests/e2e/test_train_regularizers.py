@@ -35,6 +35,13 @@ def test_kl_and_entropy_terms_are_trained_and_logged(hf_dir, tmp_path):
     assert [it for it, _ in resumed] == [2] and resumed[0][1]["kl_loss"] == 0.0
 
 
+@pytest.mark.parametrize("replay", ["r2", "off"])
+def test_kl_is_zero_at_the_first_update_with_every_routing_replay(hf_dir, replay):
+    """r2: π_ref routes live as π_old does in its recording pass; off: both route live (r3: the test above)."""
+    history = run_training(_cfg(hf_dir, train_iters=1, routing_replay=replay, **REG), quiet=True)
+    assert history[0][1]["kl_loss"] == 0.0 and history[0][1]["entropy_loss"] > 0.0
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(kl_coef=0.1, ref_load="{tmp}"), "--ref-load: .* neither a Megatron distributed checkpoint"),
     (dict(kl_coef=0.1, ref_load="{tmp}/missing"), "--ref-load: .* no such directory"),

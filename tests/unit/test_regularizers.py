@@ -26,7 +26,7 @@ def _loss(mode: str = "token-mean", reg: RegularizerConfig | None = None, logp=L
     loss, metrics = compute_policy_loss("grpo", logp, OLD, ADV, MASK, mode, entropy=ent, ref_log_prob=ref,
                                         regularizer=reg, **kw)
     loss.backward()
-    return loss, metrics, logp.grad, ent.grad
+    return loss.detach(), metrics, logp.grad, ent.grad
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])

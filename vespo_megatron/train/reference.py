@@ -38,12 +38,25 @@ class Reference:
     @classmethod
     def build(cls, hf, policy: torch.nn.Module, *, ref_load: Optional[str], routing_replay: str,
               bf16: bool = False) -> "Reference":
-        """π_ref of the policy model ``policy`` (built from HF config ``hf``, weights already loaded, before any
-        resume): from ``ref_load`` (collective load on every rank) or a copy of ``policy``'s weights."""
+        """π_ref for the policy ``policy``.
+
+        Args:
+            hf: the HF config the policy was built from (``build_model``).
+            policy: the policy model of this rank (a GPTModel, or a wrapper with ``.module``), its initial weights
+                loaded and not yet resumed.
+            ref_load: ``--ref-load`` (loaded collectively on every rank), or None: a copy of ``policy``'s weights.
+            routing_replay: ``--routing-replay``; "r3" gives π_ref its own replay of the engine's experts.
+            bf16: hold bf16 weights (``--bf16``).
+
+        Returns:
+            The frozen reference.
+        """
         model = build_model(hf, dtype=torch.float32)
         if ref_load:
             load_model(model, preflight.model_checkpoint_or_save(ref_load, "--ref-load"), what="--ref-load")
         else:
+            while hasattr(policy, "module"):  # DDP / Float16Module wrappers: the GPTModel's own keys
+                policy = policy.module
             model.load_state_dict(policy.state_dict())
         if bf16:  # the values the policy's bf16 model computes with; the config as build_model(dtype=bf16) sets it
             model = model.bfloat16()
