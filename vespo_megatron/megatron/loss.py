@@ -57,7 +57,7 @@ class LossSettings:
 
     def __post_init__(self) -> None:
         effective_agg_mode(self.name, self.agg_mode, self.honour_agg_mode)  # unknown loss or mode fails here
-        self.regularizer  # bad coefficients or KL type fail here
+        _ = self.regularizer  # bad coefficients or KL type fail here
 
     @property
     def regularizer(self) -> RegularizerConfig:
