@@ -15,7 +15,8 @@ from vespo_megatron.hf_config import moe_layers, num_experts, tiny_hf_config
 from vespo_megatron.rollout.engines import EnginePool
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.rollout.sglang import RolloutError, SGLangClient
+from vespo_megatron.rollout.client import RolloutError
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.rollout.weight_sync import DistributedSync, Probe, WeightSyncError, nbytes, verify_weights
 from vespo_megatron.routing.trace import TraceSpec
 

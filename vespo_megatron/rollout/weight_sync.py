@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from vespo_megatron.rollout.engines import EnginePool
-from vespo_megatron.rollout.sglang import RolloutError
+from vespo_megatron.rollout.client import RolloutError
 from vespo_megatron.rollout.weight_group import WeightGroup, open_group
 from vespo_megatron.rollout.weight_names import mismatched_weights
 
