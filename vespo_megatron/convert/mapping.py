@@ -14,7 +14,7 @@ axis indexed by the *global* expert id (rank ep holds ids ep·E/EP … (ep+1)·E
 
 Multi-latent attention (DeepSeek-V3; every tensor a copy, HF and Megatron share the layout): q_a_proj ->
 ``self_attention.linear_q_down_proj`` [qr, H], q_a_layernorm -> the q latent norm [qr], q_b_proj -> ``linear_q_up_proj``
-[nh·(dn+dr), qr] (no q LoRA: q_proj -> ``linear_q_proj`` [nh·(dn+dr), H]), kv_a_proj_with_mqa ->
+[nh·(dn+dr), qr], kv_a_proj_with_mqa ->
 ``linear_kv_down_proj`` [kvr+dr, H], kv_a_layernorm -> the kv latent norm [kvr], kv_b_proj -> ``linear_kv_up_proj``
 [nh·(dn+dv), kvr], o_proj -> ``linear_proj`` [H, nh·dv]; the latent norms' keys from megatron-core's MLA spec
 (:func:`vespo_megatron.megatron.layer_keys.mla_norm_keys`). The down projections are column-parallel under the local
@@ -141,16 +141,11 @@ def _mla_attention(b: _Builder, unit: str, i: int, p: str) -> None:
     a, q_rows = f"{p}self_attn.", nh * (dn + dr)
     down = "replicated" if s.transformer_impl == "transformer_engine" else "column"
     latent_norms = mla_norm_keys(s.transformer_impl)
-    if qr:
-        b.add(unit, i, "self_attention.linear_q_down_proj.weight", [(f"{a}q_a_proj.weight", (qr, H))], (qr, H),
-              split=down)
-        name, key = latent_norms["q_layernorm"]
-        b.add(unit, i, key, [(f"{a}q_a_layernorm.weight", (qr,))], (qr,), module=name)
-        b.add(unit, i, "self_attention.linear_q_up_proj.weight", [(f"{a}q_b_proj.weight", (q_rows, qr))], (q_rows, qr),
-              split="column")
-    else:
-        b.add(unit, i, "self_attention.linear_q_proj.weight", [(f"{a}q_proj.weight", (q_rows, H))], (q_rows, H),
-              split="column")
+    b.add(unit, i, "self_attention.linear_q_down_proj.weight", [(f"{a}q_a_proj.weight", (qr, H))], (qr, H), split=down)
+    name, key = latent_norms["q_layernorm"]
+    b.add(unit, i, key, [(f"{a}q_a_layernorm.weight", (qr,))], (qr,), module=name)
+    b.add(unit, i, "self_attention.linear_q_up_proj.weight", [(f"{a}q_b_proj.weight", (q_rows, qr))], (q_rows, qr),
+          split="column")
     b.add(unit, i, "self_attention.linear_kv_down_proj.weight", [(f"{a}kv_a_proj_with_mqa.weight", (kvr + dr, H))],
           (kvr + dr, H), split=down)
     name, key = latent_norms["kv_layernorm"]
@@ -255,7 +250,7 @@ def rules_by_key(spec: ModelSpec) -> dict[str, tuple[Rule, ...]]:
 
 
 _LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
-                   "linear_q_proj.weight", "linear_q_down_proj.weight", "linear_q_up_proj.weight",
+                   "linear_q_down_proj.weight", "linear_q_up_proj.weight",
                    "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
 
 

@@ -50,7 +50,7 @@ class ModelSpec:
     expert_bias: bool  # sigmoid router with e_score_correction_bias
     stacked: bool  # dist-checkpoint keys with a leading layer axis (homogeneous layers) instead of per-layer keys
     transformer_impl: str = "local"  # the layer spec whose keys are written: local | transformer_engine
-    q_lora_rank: int = 0  # MLA q latent size (0: q projected directly)
+    q_lora_rank: int = 0  # MLA q latent size
     kv_lora_rank: int = 0  # MLA kv latent size (0: no MLA)
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
@@ -143,6 +143,9 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None
     mla = family == "deepseek_v3"
     if mla and getattr(hf, "attention_bias", False):
         raise ConversionError("attention_bias=true is not supported with multi-latent attention", file=config_file)
+    if mla and not hf.q_lora_rank:  # megatron-core 0.19 fuses a q norm into linear_q_proj there, 0.16 has none
+        raise ConversionError("q_lora_rank=null (q projected without a LoRA) is not supported: megatron-core's MLA "
+                              "layers differ there between versions", file=config_file)
     return ModelSpec(
         family=family,
         num_layers=hf.num_hidden_layers,
@@ -163,7 +166,7 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None
         expert_bias=hf_config.expert_bias(hf),
         stacked=stacked,
         transformer_impl=transformer_impl,
-        q_lora_rank=int(hf.q_lora_rank or 0) if mla else 0,
+        q_lora_rank=int(hf.q_lora_rank) if mla else 0,
         kv_lora_rank=int(hf.kv_lora_rank) if mla else 0,
         qk_nope_head_dim=int(hf.qk_nope_head_dim) if mla else 0,
         qk_rope_head_dim=int(hf.qk_rope_head_dim) if mla else 0,
