@@ -46,6 +46,8 @@ def sample_seed(seed: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class Sample:
+    """One generation request: its rid, prompt token ids [T_prompt] and sampling params."""
+
     rid: str
     prompt: list[int]
     sampling_params: dict[str, Any]
