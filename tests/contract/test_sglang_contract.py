@@ -22,7 +22,8 @@ from vespo_megatron.hf_config import moe_layers, num_experts, tiny_hf_config
 from vespo_megatron.rollout import server as stand_in
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.rollout.sglang import SGLangClient, SGLangEngineClient
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.routing.trace import TraceSpec
 
 CONFIG = tiny_hf_config("qwen3_moe", mlp_only_layers=[1])

@@ -133,7 +133,7 @@ def test_config_disagrees_with_weights(hf, tmp_path):
 
 
 @pytest.mark.parametrize("model_type,match", [("llama", "unsupported architecture model_type='llama'"),
-                                              ("deepseek_v3", "multi-latent attention")])
+                                              ("gpt2", "unsupported architecture model_type='gpt2'")])
 def test_unsupported_architecture(hf, tmp_path, model_type, match):
     config = json.loads((hf / "config.json").read_text())
     config["model_type"] = model_type

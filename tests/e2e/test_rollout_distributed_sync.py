@@ -4,6 +4,7 @@ mid-rollout, an engine restarted between steps, a sync interrupted midway."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +15,9 @@ from vespo_megatron.hf_config import moe_layers, num_experts, tiny_hf_config
 from vespo_megatron.rollout.engines import EnginePool
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.rollout.sglang import RolloutError, SGLangClient
-from vespo_megatron.rollout.weight_sync import DistributedSync, Probe, nbytes, verify_weights
+from vespo_megatron.rollout.client import RolloutError
+from vespo_megatron.rollout.sglang import SGLangClient
+from vespo_megatron.rollout.weight_sync import DistributedSync, Probe, WeightSyncError, nbytes, verify_weights
 from vespo_megatron.routing.trace import TraceSpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -102,6 +104,37 @@ def test_interrupted_sync_leaves_the_old_version_and_no_generation(two_engines):
     held = SGLangClient(two_engines[0].url, timeout_s=1.0, max_retries=0)
     with pytest.raises(RolloutError, match="Timeout"):
         held.generate([PROMPTS[0]], {"max_new_tokens": 2})
+    assert sync.ensure(trained.named_parameters, "v1") == [s.url for s in two_engines]
+    assert all(s.engine.weights_checksum() == _digests(trained) for s in two_engines)
+    assert {r.weight_version for r in pool.generate(PROMPTS[:2], {"max_new_tokens": 2})} == {"v1"}
+    sync.close()
+
+
+def test_sync_interrupted_inside_a_bucket_fails_fast(two_engines):
+    """A broadcast that fails inside a bucket (the trainer's device lost, an engine gone): the engines waiting for
+    the rest of the bucket fail at once (the group is closed), not at the group / request timeout (120 s here); the
+    error names the tensor; versions unchanged, generation paused; the next ensure() rebuilds the group and re-pushes."""
+    pool = EnginePool([s.url for s in two_engines], routing=SPEC)
+    timeout_s = 120.0
+    sync = DistributedSync(pool, bucket_bytes=BUCKET, timeout_s=timeout_s)
+    trained = _model(1)
+    sync.connect()
+    broadcast, calls = sync.group.broadcast, []
+
+    def fails_on_the_third(tensor, src=0):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        broadcast(tensor, src)
+
+    sync.group.broadcast = fails_on_the_third
+    names = [name for name, _ in trained.named_parameters()]
+    start = time.monotonic()
+    with pytest.raises(WeightSyncError, match=rf"inside a bucket, after 2 of \d+ tensors \(at '{names[2]}'\): device lost"):
+        sync.push(trained.named_parameters(), "v1")
+    assert time.monotonic() - start < timeout_s / 4  # the engines' receive ended when the group closed
+    assert sync.group is None
+    assert pool.versions() == {s.url: "default" for s in two_engines}
     assert sync.ensure(trained.named_parameters, "v1") == [s.url for s in two_engines]
     assert all(s.engine.weights_checksum() == _digests(trained) for s in two_engines)
     assert {r.weight_version for r in pool.generate(PROMPTS[:2], {"max_new_tokens": 2})} == {"v1"}

@@ -17,7 +17,9 @@ from vespo_megatron.hf_config import num_experts, tiny_hf_config
 from vespo_megatron.megatron.model import moe_layer_pattern
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
+from vespo_megatron.rollout.client import RolloutError
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.rollout.weight_sync import push_weights, verify_weights
 from vespo_megatron.routing.trace import TraceSpec
 

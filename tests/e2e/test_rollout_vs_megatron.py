@@ -17,7 +17,8 @@ from vespo_megatron.megatron.weights import export_global, load_global
 from vespo_megatron.metrics.mismatch import mismatch_metrics, routing_disagreement
 from vespo_megatron.rollout.hf_engine import HFEngine
 from vespo_megatron.rollout.server import RolloutServer
-from vespo_megatron.rollout.sglang import SGLangClient, SGLangEngineClient
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.rollout.weight_sync import Probe, WeightSyncError, push_weights, verify_weights
 from vespo_megatron.routing.replay import RoutingReplay, find_routers
 from vespo_megatron.routing.trace import TraceSpec

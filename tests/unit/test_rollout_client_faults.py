@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from vespo_megatron.rollout.records import RolloutResponseError
-from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, SGLangEngineClient
+from vespo_megatron.rollout.client import RolloutError
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.routing.trace import TraceSpec
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.rollout.hf_engine import HFEngine
-from vespo_megatron.rollout.sglang import RolloutError, SGLangEngineClient
+from vespo_megatron.rollout.client import RolloutError
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
 from vespo_megatron.rollout.weight_sync import Probe, WeightSyncError, push_weights, verify_weights
 
 TOKENS = [9, 1, 250, 33, 33, 7, 120, 64, 5]

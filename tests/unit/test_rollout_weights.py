@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from vespo_megatron.hf_config import tiny_hf_config
 from vespo_megatron.rollout.hf_engine import HFEngine
-from vespo_megatron.rollout.sglang import SGLangEngineClient
+from vespo_megatron.rollout.engine_client import SGLangEngineClient
 from vespo_megatron.rollout.weight_names import canonical_name, mismatched_weights
 
 TOKENS = [5, 9, 200, 31, 77, 3, 18, 64]

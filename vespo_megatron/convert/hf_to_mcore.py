@@ -12,6 +12,7 @@ A dry run needs only the source's config.json: every tensor is planned from the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import queue
 import shutil
@@ -29,6 +30,7 @@ from vespo_megatron.convert.plan import Plan, PlannedFile, PlannedTensor, progre
 from vespo_megatron.convert.spec import Layout, ModelSpec, fp8_block, load_hf_config, model_spec
 
 ASSETS_DIR = "hf"
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -148,9 +150,12 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
     config_only = options.dry_run and not (src / INDEX).is_file() and not (src / SINGLE).is_file()
     ckpt = None if config_only else HfCheckpoint(src, fp8_block(hf_config, src / "config.json"))
     expected = {n: s for rule in mapping.rules(spec) for n, s in zip(rule.hf, rule.hf_shapes)}
-    ignored = ckpt.check(expected, options.ignore) if ckpt else []
+    skip = _skipped(spec, options.ignore)
+    ignored = ckpt.check(expected, skip) if ckpt else []
     config_dtype = getattr(hf_config, "dtype", None) or torch.float32
-    dtype_of = lambda r: target_dtype(ckpt.dtype(r.hf[0]) if ckpt else config_dtype, r, options.dtype)  # noqa: E731
+    # from the config alone: the config's dtype, float32 where Megatron keeps float32 (the router expert bias)
+    want = options.dtype if ckpt else options.dtype or config_dtype
+    dtype_of = lambda r: target_dtype(ckpt.dtype(r.hf[0]) if ckpt else config_dtype, r, want)  # noqa: E731
     if ckpt:
         nbytes = lambda r: _nbytes(r, ckpt, options.dtype)  # noqa: E731
     else:
@@ -174,9 +179,13 @@ def convert_hf_to_mcore(src: str | Path, dst: str | Path, options: HfToMcoreOpti
         plan.layout, plan.ranks = str(options.layout), rank_shards.rank_nbytes(spec, options.layout, dtype_of)
     if config_only:
         plan.notes.append(f"planned from {src / 'config.json'} alone (no weights): sizes in the config's dtype "
-                          f"{str(config_dtype).removeprefix('torch.')} unless --dtype")
+                          f"{str(config_dtype).removeprefix('torch.')} unless --dtype (float32 expert bias)")
+    if spec.mtp_layers:
+        plan.notes.append(f"{spec.mtp_layers} multi-token-prediction (MTP) layer(s) model.layers.{spec.num_layers}… "
+                          "not converted: skipped")
+        log.warning("%s: %s", src, plan.notes[-1])
     if ignored:
-        plan.notes.append(f"ignored {len(ignored)} source tensors matching {options.ignore!r}: {', '.join(ignored[:4])}…")
+        plan.notes.append(f"ignored {len(ignored)} source tensors matching {skip!r}: {', '.join(ignored[:4])}…")
     if options.per_rank:
         plan.notes.append(f"per-rank shards for {options.layout} under {rank_shards.RANKS_DIR}/")
     weights = [src / f for f in ckpt.files] if ckpt else []
@@ -220,9 +229,18 @@ def _tracked(chunks: Iterator[tuple[mapping.Rule, torch.Tensor | dcp_io.RawChunk
         bar.update(chunk.nbytes)
 
 
+def _skipped(spec: ModelSpec, ignore: str | None) -> str | None:
+    """The regex of source tensors left out: ``ignore`` (``--ignore``) and the MTP layers ``model.layers.{L…}``."""
+    parts = [ignore] if ignore else []
+    if spec.mtp_layers:
+        layers = "|".join(str(spec.num_layers + k) for k in range(spec.mtp_layers))
+        parts.append(rf"model\.layers\.(?:{layers})\..*")
+    return "|".join(f"(?:{part})" for part in parts) or None
+
+
 def _describe(spec: ModelSpec) -> str:
     moe = sum(spec.moe_layers)
     return (f"{spec.family}: {spec.num_layers} layers ({moe} MoE), hidden {spec.hidden}, heads {spec.num_heads}/"
-            f"{spec.num_kv_heads} kv, {spec.num_experts} experts, vocab {spec.vocab_size} -> {spec.padded_vocab_size}"
+            f"{spec.num_kv_heads} kv{' (MLA)' if spec.mla else ''}, {spec.num_experts} experts, vocab {spec.vocab_size} -> {spec.padded_vocab_size}"
             f"{', tied embeddings' if spec.tied else ''}, {'stacked' if spec.stacked else 'per-layer'} keys"
             f" of the {spec.transformer_impl} layer spec")

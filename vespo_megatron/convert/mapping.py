@@ -12,7 +12,16 @@ spec (:func:`norm_keys`): local spec ``self_attention.linear_qkv.layer_norm_weig
 layers. Routed experts: key ``….mlp.experts.experts.linear_fc1.weight`` with an [E]
 axis indexed by the *global* expert id (rank ep holds ids ep·E/EP … (ep+1)·E/EP − 1).
 
-Shapes: H hidden, nh heads, ng kv groups, d head size, F / Fe / Fs dense / expert / shared intermediate, E experts,
+Multi-latent attention (DeepSeek-V3; every tensor a copy, HF and Megatron share the layout): q_a_proj ->
+``self_attention.linear_q_down_proj`` [qr, H], q_a_layernorm -> the q latent norm [qr], q_b_proj -> ``linear_q_up_proj``
+[nh·(dn+dr), qr], kv_a_proj_with_mqa ->
+``linear_kv_down_proj`` [kvr+dr, H], kv_a_layernorm -> the kv latent norm [kvr], kv_b_proj -> ``linear_kv_up_proj``
+[nh·(dn+dv), kvr], o_proj -> ``linear_proj`` [H, nh·dv]; the latent norms' keys from megatron-core's MLA spec
+(:func:`vespo_megatron.megatron.layer_keys.mla_norm_keys`). The down projections are column-parallel under the local
+spec and replicated (TE ``TELinear``, duplicated) under the Transformer Engine spec.
+
+Shapes: H hidden, nh heads, ng kv groups, d head size, qr / kvr q / kv latent ranks, dn / dr / dv per-head nope /
+rope / value sizes, F / Fe / Fs dense / expert / shared intermediate, E experts,
 V / Vp vocabulary (padded). qkv [ng·(nh/ng+2)·d, H], linear_proj [H, nh·d], fc1 [2F, H] = [gate; up], fc2 [H, F],
 router [E, H], expert_bias [E] (float32), embedding / output [Vp, H].
 """
@@ -125,6 +134,27 @@ def _attention(b: _Builder, unit: str, i: int, p: str) -> None:
           split="row")
 
 
+def _mla_attention(b: _Builder, unit: str, i: int, p: str) -> None:
+    s = b.spec
+    H, nh, qr, kvr = s.hidden, s.num_heads, s.q_lora_rank, s.kv_lora_rank
+    dn, dr, dv = s.qk_nope_head_dim, s.qk_rope_head_dim, s.v_head_dim
+    a, q_rows = f"{p}self_attn.", nh * (dn + dr)
+    down = "replicated" if s.transformer_impl == "transformer_engine" else "column"
+    latent_norms = mla_norm_keys(s.transformer_impl)
+    b.add(unit, i, "self_attention.linear_q_down_proj.weight", [(f"{a}q_a_proj.weight", (qr, H))], (qr, H), split=down)
+    name, key = latent_norms["q_layernorm"]
+    b.add(unit, i, key, [(f"{a}q_a_layernorm.weight", (qr,))], (qr,), module=name)
+    b.add(unit, i, "self_attention.linear_q_up_proj.weight", [(f"{a}q_b_proj.weight", (q_rows, qr))], (q_rows, qr),
+          split="column")
+    b.add(unit, i, "self_attention.linear_kv_down_proj.weight", [(f"{a}kv_a_proj_with_mqa.weight", (kvr + dr, H))],
+          (kvr + dr, H), split=down)
+    name, key = latent_norms["kv_layernorm"]
+    b.add(unit, i, key, [(f"{a}kv_a_layernorm.weight", (kvr,))], (kvr,), module=name)
+    b.add(unit, i, "self_attention.linear_kv_up_proj.weight", [(f"{a}kv_b_proj.weight", (nh * (dn + dv), kvr))],
+          (nh * (dn + dv), kvr), split="column")
+    b.add(unit, i, "self_attention.linear_proj.weight", [(f"{a}o_proj.weight", (H, nh * dv))], (H, nh * dv), split="row")
+
+
 def _glu_mlp(b: _Builder, unit: str, i: int, hf_prefix: str, mc_prefix: str, ffn: int, names: tuple[str, str, str],
              expert: int | None = None, module_prefix: str | None = None) -> None:
     """gate/up/down projections [F, H], [F, H], [H, F] -> fc1 [2F, H], fc2 [H, F]."""
@@ -155,12 +185,21 @@ def _moe(b: _Builder, unit: str, i: int, p: str) -> None:
 
 
 @lru_cache(maxsize=None)
-def norm_keys(impl: str, moe: bool) -> dict[str, tuple[str, str]]:
+def norm_keys(impl: str, moe: bool, mla: bool = False) -> dict[str, tuple[str, str]]:
     """The (state-dict name, dist-checkpoint key) of a layer's input and pre-MLP norm weights under the ``impl``
     layer spec, read from megatron-core's own spec (:func:`vespo_megatron.megatron.layer_keys.norm_keys`)."""
     from vespo_megatron.megatron.layer_keys import norm_keys as from_megatron_spec
 
-    return from_megatron_spec(impl, bool(moe))
+    return from_megatron_spec(impl, bool(moe), bool(mla))
+
+
+@lru_cache(maxsize=None)
+def mla_norm_keys(impl: str) -> dict[str, tuple[str, str]]:
+    """The (state-dict name, dist-checkpoint key) of the MLA q / kv latent norm weights under the ``impl`` layer spec
+    (:func:`vespo_megatron.megatron.layer_keys.mla_norm_keys`)."""
+    from vespo_megatron.megatron.layer_keys import mla_norm_keys as from_megatron_spec
+
+    return from_megatron_spec(impl)
 
 
 @lru_cache(maxsize=8)
@@ -171,10 +210,10 @@ def units(spec: ModelSpec) -> tuple[Unit, ...]:
     b.add("embedding", None, "embedding.word_embeddings.weight", [(EMBEDDING, (V, H))], (Vp, H), "vocab", "vocab")
     for i in range(spec.num_layers):
         unit, p = f"layer {i}", f"model.layers.{i}."
-        norms = norm_keys(spec.transformer_impl, spec.moe_layers[i])
+        norms = norm_keys(spec.transformer_impl, spec.moe_layers[i], spec.mla)
         name, key = norms["input_layernorm"]
         b.add(unit, i, key, [(f"{p}input_layernorm.weight", (H,))], (H,), module=name)
-        _attention(b, unit, i, p)
+        (_mla_attention if spec.mla else _attention)(b, unit, i, p)
         name, key = norms["pre_mlp_layernorm"]
         b.add(unit, i, key, [(f"{p}post_attention_layernorm.weight", (H,))], (H,), module=name)
         if spec.moe_layers[i]:
@@ -210,7 +249,9 @@ def rules_by_key(spec: ModelSpec) -> dict[str, tuple[Rule, ...]]:
     return {key: tuple(group) for key, group in out.items()}
 
 
-_LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight")
+_LINEAR_WEIGHTS = ("linear_qkv.weight", "linear_proj.weight", "linear_fc1.weight", "linear_fc2.weight",
+                   "linear_q_down_proj.weight", "linear_q_up_proj.weight",
+                   "linear_kv_down_proj.weight", "linear_kv_up_proj.weight")
 
 
 def extra_state_key(rule: Rule) -> str | None:

@@ -27,7 +27,7 @@ from vespo_megatron.convert.hf_io import INDEX, OutTensor, index_json, shard_nam
 from vespo_megatron.convert.hf_to_mcore import ASSETS_DIR, cast, target_dtype
 from vespo_megatron.convert.journal import Journal, atomic_write, atomic_write_bytes, source_fingerprint
 from vespo_megatron.convert.plan import Plan, PlannedFile, progress
-from vespo_megatron.convert.spec import ModelSpec, load_hf_config, model_spec
+from vespo_megatron.convert.spec import TRANSFORMER_IMPLS as IMPLS, ModelSpec, load_hf_config, model_spec
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -50,9 +50,10 @@ def checkpoint_spec(ckpt: DcpCheckpoint, hf_config) -> tuple[ModelSpec, list[str
     key; the skipped keys."""
     where = ckpt.dir / ".metadata"
     stacked = not any(key.startswith("decoder.layers.0.") for key in ckpt.tensors)
-    te = any(key.endswith(".pre_mlp_layernorm.weight") for key in ckpt.tensors)  # only TE-spec MoE layers have it
-    spec = model_spec(hf_config, stacked=stacked, transformer_impl="transformer_engine" if te else "local",
-                      config_file=where)
+    keys = {key for key in ckpt.tensors if key.startswith(MODEL_PREFIXES)}
+    # the layer spec whose key set is the checkpoint's (the closest one, whose differences are reported below)
+    spec = min((model_spec(hf_config, stacked=stacked, transformer_impl=impl, config_file=where) for impl in IMPLS),
+               key=lambda s: len(keys.symmetric_difference(mapping.global_shapes(s))))
     emb = ckpt.tensors.get("embedding.word_embeddings.weight")
     if emb is None:
         raise ConversionError("missing tensor", file=where, tensor="embedding.word_embeddings.weight")

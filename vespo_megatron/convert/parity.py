@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from vespo_megatron.convert.dcp_io import DcpCheckpoint
+from vespo_megatron.convert.errors import ConversionError
 from vespo_megatron.convert.hf_io import HfCheckpoint
 from vespo_megatron.convert.inmemory import hf_to_mcore_tensors
 from vespo_megatron.convert.spec import model_spec
@@ -77,6 +78,9 @@ def logits_parity(hf_dir: str | Path, mcore: str | Path | Mapping[str, torch.Ten
     from vespo_megatron.megatron.weights import load_global
 
     hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    if hf_config.model_type == "deepseek_v3":
+        raise ConversionError("--logits: the Megatron model of DeepSeek-V3 has multi-latent attention, which vespo's "
+                              "build_model does not build (names and shapes are checked instead)", file=hf_dir)
     tokens = torch.randint(0, hf_config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
     init_parallel()
     model = build_megatron(hf_config, dtype=dtype).eval()

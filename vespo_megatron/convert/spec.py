@@ -7,8 +7,9 @@ Families (HF ``model_type``):
   names (w1 = gate, w3 = up, w2 = down).
 - ``glm4_moe``: the DeepSeek-V3-style MoE (sigmoid router with expert bias ``e_score_correction_bias``, group-limited
   top-k, shared experts, first-k dense layers) with GQA attention (optional qkv bias and q/k norm).
-``deepseek_v3`` itself is refused: its multi-latent attention (MLA) cannot be built by Megatron-Core 0.16.1 with the
-local (CPU) layer spec, so the DeepSeek-V3-style family is converted with GQA attention (``glm4_moe``).
+- ``deepseek_v3``: the same MoE with multi-latent attention (MLA: q LoRA down/up projections with a latent norm, a
+  joint kv down projection carrying the shared rope key, kv up projection); its multi-token-prediction (MTP) layers
+  ``model.layers.{L…}`` (``num_nextn_predict_layers``) are skipped with a note.
 
 The interpretation of the HF config (MoE layer pattern, expert counts, sizes, vocabulary padding) is
 :mod:`vespo_megatron.hf_config`, shared with the model builder.
@@ -21,17 +22,14 @@ from pathlib import Path
 from vespo_megatron import hf_config
 from vespo_megatron.convert.errors import ConversionError
 
-FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe")
+FAMILIES = ("qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")  # Megatron-LM's --transformer-impl
-_MLA_REASON = (
-    "multi-latent attention (MLA) is not supported: Megatron-Core 0.16.1 cannot build MLA with the local (CPU) spec; "
-    "the DeepSeek-V3-style MoE is converted with GQA attention (model_type glm4_moe)"
-)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Sizes and structure of one MoE decoder (H hidden, nh query heads, ng kv groups of head_dim d, E experts)."""
+    """Sizes and structure of one MoE decoder (H hidden, nh query heads, ng kv groups of head_dim d, E experts;
+    MLA: q / kv latent ranks, per-head nope / rope / value sizes, all 0 without MLA)."""
 
     family: str
     num_layers: int
@@ -52,10 +50,21 @@ class ModelSpec:
     expert_bias: bool  # sigmoid router with e_score_correction_bias
     stacked: bool  # dist-checkpoint keys with a leading layer axis (homogeneous layers) instead of per-layer keys
     transformer_impl: str = "local"  # the layer spec whose keys are written: local | transformer_engine
+    q_lora_rank: int = 0  # MLA q latent size
+    kv_lora_rank: int = 0  # MLA kv latent size (0: no MLA)
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mtp_layers: int = 0  # multi-token-prediction layers of the HF checkpoint (not converted)
 
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def mla(self) -> bool:
+        """True for multi-latent attention (DeepSeek-V3)."""
+        return self.kv_lora_rank > 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ class Layout:
             pairs += [("num experts", spec.num_experts, "ep", self.ep), ("moe_intermediate_size", spec.moe_ffn, "etp", self.expert_tp)]
         if spec.shared_ffn:
             pairs.append(("shared expert intermediate size", spec.shared_ffn, "tp", self.tp))
+        if spec.mla and spec.transformer_impl == "local":  # the local spec splits the down projections over tp
+            pairs += [("q_lora_rank", spec.q_lora_rank, "tp", self.tp),
+                      ("kv_lora_rank + qk_rope_head_dim", spec.kv_lora_rank + spec.qk_rope_head_dim, "tp", self.tp)]
         for what, count, name, size in pairs:
             if count % size:
                 raise ConversionError(f"{name}={size} does not divide {what}={count}", file=config_file)
@@ -103,8 +115,6 @@ def load_hf_config(path: str | Path):
 
 
 def _check_family(model_type: str | None, file: str | Path) -> None:
-    if model_type == "deepseek_v3":
-        raise ConversionError(f"unsupported architecture model_type='deepseek_v3': {_MLA_REASON}", file=file)
     try:
         hf_config.check_family(model_type, file, FAMILIES)
     except hf_config.HFConfigError as err:
@@ -130,6 +140,12 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None
     if stacked and not homogeneous:
         raise ConversionError("stacked layer keys need homogeneous layers, but dense and MoE layers are mixed", file=config_file)
     stacked = homogeneous if stacked is None else stacked
+    mla = family == "deepseek_v3"
+    if mla and getattr(hf, "attention_bias", False):
+        raise ConversionError("attention_bias=true is not supported with multi-latent attention", file=config_file)
+    if mla and not hf.q_lora_rank:  # megatron-core 0.19 fuses a q norm into linear_q_proj there, 0.16 has none
+        raise ConversionError("q_lora_rank=null (q projected without a LoRA) is not supported: megatron-core's MLA "
+                              "layers differ there between versions", file=config_file)
     return ModelSpec(
         family=family,
         num_layers=hf.num_hidden_layers,
@@ -150,6 +166,12 @@ def model_spec(hf, *, tp: int = 1, divisible_by: int = 128, stacked: bool | None
         expert_bias=hf_config.expert_bias(hf),
         stacked=stacked,
         transformer_impl=transformer_impl,
+        q_lora_rank=int(hf.q_lora_rank) if mla else 0,
+        kv_lora_rank=int(hf.kv_lora_rank) if mla else 0,
+        qk_nope_head_dim=int(hf.qk_nope_head_dim) if mla else 0,
+        qk_rope_head_dim=int(hf.qk_rope_head_dim) if mla else 0,
+        v_head_dim=int(hf.v_head_dim) if mla else 0,
+        mtp_layers=int(getattr(hf, "num_nextn_predict_layers", 0) or 0),
     )
 
 

@@ -39,7 +39,8 @@ def read_prompts(path: str | Path, vocab_size: int) -> list[list[int]]:
 def rollout_client(hf_dir: str | Path, spec: TraceSpec, *, sglang_url: str | None = None, engine_dtype: str = "bf16",
                    seed: int = 0) -> Any:
     """A client of the SGLang server at ``sglang_url``, or of the CPU engine on ``hf_dir`` started in this process."""
-    from vespo_megatron.rollout.sglang import SGLangClient, SGLangEngineClient
+    from vespo_megatron.rollout.engine_client import SGLangEngineClient
+    from vespo_megatron.rollout.sglang import SGLangClient
 
     if sglang_url:
         return SGLangClient(sglang_url, routing=spec)

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vespo_megatron.rollout.sglang import RolloutError, SGLangClient, _ClientBase, _Sample
+from vespo_megatron.rollout.client import ClientBase, RolloutError, Sample
+from vespo_megatron.rollout.sglang import SGLangClient
 from vespo_megatron.routing.trace import TraceSpec
 
 
-class EnginePool(_ClientBase):
+class EnginePool(ClientBase):
     """One client over the engines at ``urls`` (keyword arguments go to each :class:`SGLangClient`)."""
 
     def __init__(self, urls: Sequence[str], *, routing: TraceSpec | None = None, require_deterministic: bool = False,
@@ -64,7 +65,7 @@ class EnginePool(_ClientBase):
             raise RolloutError(f"{what} failed on {len(failed)} of {len(futures)} engines: " + "; ".join(failed))
         return results
 
-    def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
+    def _generate_samples(self, samples: list[Sample], extra: dict[str, Any]) -> list[Any]:
         count = len(self.clients)
         shares = [(e, samples[e::count]) for e in range(count) if samples[e::count]]
         answers = self._gather([(self.clients[e], self._generation.submit(self.clients[e]._generate_samples, share,

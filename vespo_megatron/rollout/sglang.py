@@ -1,142 +1,30 @@
-"""Clients of an SGLang 0.5.23 rollout engine: a running HTTP server (:class:`SGLangClient`) or an in-process
-``sglang.Engine`` (:class:`SGLangEngineClient`, also usable with the CPU :class:`~.hf_engine.HFEngine`).
+"""Client of a running SGLang 0.5.23 HTTP server (:class:`SGLangClient`, also ``vespo-megatron serve``); the
+in-process ``sglang.Engine`` client is :class:`~.engine_client.SGLangEngineClient`, what both share (request building,
+the seed check, record parsing) :mod:`~.client`.
 
-Both turn prompts into :class:`~.records.RolloutRecord` s: prompt ids, response ids, per-token rollout log-probs,
-routing trace and finish reason. Sample j of a ``generate`` call gets rid ``{prefix}-{j}`` and, when ``seed`` is
-given, ``sampling_seed`` = a hash of (seed, j). SGLang honours ``sampling_seed`` only when the server runs with
-``--enable-deterministic-inference`` (it reads the seed in ``sampling/sampling_batch_info.py`` only then): the client
-reads that flag from /server_info once, and either refuses (``require_deterministic=True``) or warns once.
 The HTTP client runs at most ``max_concurrency`` requests at once; every request has a timeout and is retried with
 exponential backoff on connection errors, timeouts and HTTP 5xx; 4xx and malformed responses raise at once.
 Only routes and fields of the 0.5.23 release are used (tests/contract checks them against the release's source).
-sglang itself is imported lazily; without it only the paths that need it fail, saying what to install.
 """
 from __future__ import annotations
 
-import abc
-import importlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import requests
 
-from vespo_megatron.rollout.records import RolloutRecord, record_from_response
+from vespo_megatron.rollout.client import ClientBase, RolloutError, Sample, import_sglang
 from vespo_megatron.routing.trace import TraceSpec
 
 log = logging.getLogger(__name__)
-INSTALL_HINT = "sglang is not installed: `pip install \"sglang[all]\"` on a CUDA machine (see SGLang's install guide)"
-DETERMINISTIC_FLAG = "--enable-deterministic-inference"
 _RETRIABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-class RolloutError(RuntimeError):
-    """A request to the rollout engine failed; the message names the request (and the engine)."""
-
-
-def import_sglang(module: str = "sglang") -> Any:
-    """Import an sglang module, or raise ImportError saying what to install."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as err:
-        raise ImportError(f"{INSTALL_HINT} ({err})") from err
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """Per-sample ``sampling_seed``: a 63-bit hash of (seed, sample index)."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-@dataclass(frozen=True)
-class _Sample:
-    rid: str
-    prompt: list[int]
-    sampling_params: dict[str, Any]
-
-
-class _ClientBase(abc.ABC):
-    """Request building, the seed check and record parsing shared by the HTTP and the in-process clients."""
-
-    def __init__(self, routing: TraceSpec | None, require_deterministic: bool = False):
-        self.routing = routing
-        self.require_deterministic = require_deterministic
-        self._deterministic: bool | None = None  # the server's flag, read once
-
-    @property
-    @abc.abstractmethod
-    def name(self) -> str:
-        """The engine, as error messages name it."""
-
-    @abc.abstractmethod
-    def get_server_info(self) -> dict[str, Any]:
-        """The server's resolved arguments (``/server_info``, ``Engine.get_server_info``)."""
-
-    def _check_seed_honoured(self) -> None:
-        """Refuse or warn once when ``sampling_seed`` will be ignored (server without the deterministic flag)."""
-        if self._deterministic is None:
-            try:
-                # ServerArgs fields are flattened into /server_info (utils/common.py:3589, server_args.py:551)
-                self._deterministic = bool(self.get_server_info().get("enable_deterministic_inference", False))
-            except (RolloutError, OSError, ValueError) as err:
-                self._deterministic = False
-                log.warning("%s: cannot read server_info (%s); assuming seeds are not honoured", self.name, err)
-            if not self._deterministic and not self.require_deterministic:
-                log.warning("%s runs without %s: SGLang ignores sampling_seed there, so the same seed will not give "
-                            "the same samples", self.name, DETERMINISTIC_FLAG)
-        if not self._deterministic and self.require_deterministic:
-            raise RolloutError(f"{self.name}: reproducible sampling needs the server started with {DETERMINISTIC_FLAG} "
-                               "(it ignores sampling_seed otherwise)")
-
-    def generate(self, prompts: Sequence[Sequence[int]], sampling_params: dict[str, Any] | None = None, *,
-                 samples_per_prompt: int = 1, seed: int | None = None, return_routed_experts: bool = False,
-                 routed_experts_start_len: int = 0, rid_prefix: str | None = None) -> list[RolloutRecord]:
-        """Generate ``samples_per_prompt`` samples per prompt, prompt-major; one record per sample, in order."""
-        if return_routed_experts and self.routing is None:
-            raise ValueError("return_routed_experts needs the model's TraceSpec (routing=...) on the client")
-        if seed is not None:
-            self._check_seed_honoured()
-        prefix = rid_prefix or uuid.uuid4().hex[:12]
-        samples = []
-        for prompt in prompts:
-            for _ in range(samples_per_prompt):
-                params = dict(sampling_params or {})
-                if seed is not None:
-                    params["sampling_seed"] = sample_seed(seed, len(samples))
-                samples.append(_Sample(f"{prefix}-{len(samples)}", [int(t) for t in prompt], params))
-        extra: dict[str, Any] = {"return_logprob": True}
-        if return_routed_experts:
-            extra["return_routed_experts"] = True
-            if routed_experts_start_len:
-                extra["routed_experts_start_len"] = routed_experts_start_len
-        responses = self._generate_samples(samples, extra)
-        spec = self.routing if return_routed_experts else None
-        return [record_from_response(resp, s.rid, s.prompt, spec, routed_experts_start_len)
-                for s, resp in zip(samples, responses)]
-
-    def score(self, token_ids: Sequence[int]) -> np.ndarray:
-        """Log-probs [len − 1] of tokens 1.. of a fixed sequence under the engine (prefill only, T = 1)."""
-        body = {"return_logprob": True, "logprob_start_len": 0}
-        sample = _Sample(f"score-{uuid.uuid4().hex[:12]}", [int(t) for t in token_ids],
-                         {"max_new_tokens": 0, "temperature": 1.0})
-        # meta_info.input_token_logprobs: tokenizer_manager.py:2868 (entry 0 is None: no logprob for token 0)
-        meta = self._generate_samples([sample], body)[0].get("meta_info", {})
-        entries = meta.get("input_token_logprobs") or []
-        if len(entries) != len(token_ids):
-            raise RolloutError(f"request {sample.rid}: {len(entries)} prompt log-probs for {len(token_ids)} tokens")
-        return np.asarray([entry[0] for entry in entries[1:]], dtype=np.float32)
-
-    @abc.abstractmethod
-    def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
-        """One response dict per sample, in order (HTTP or in-process)."""
-
-
-class SGLangClient(_ClientBase):
+class SGLangClient(ClientBase):
     """Client of a running SGLang 0.5.23 server (or of ``vespo-megatron serve``) at ``base_url``."""
 
     def __init__(self, base_url: str, *, routing: TraceSpec | None = None, timeout_s: float = 120.0,
@@ -204,8 +92,8 @@ class SGLangClient(_ClientBase):
                 raise
         return self._json("GET", deprecated, deprecated.strip("/"))
 
-    def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
-        def one(sample: _Sample) -> Any:
+    def _generate_samples(self, samples: list[Sample], extra: dict[str, Any]) -> list[Any]:
+        def one(sample: Sample) -> Any:
             def body(attempt: int) -> dict[str, Any]:
                 rid = f"{sample.rid}-retry{attempt}" if attempt else sample.rid
                 return {"input_ids": sample.prompt, "sampling_params": sample.sampling_params, "rid": rid, **extra}
@@ -353,69 +241,3 @@ class SGLangClient(_ClientBase):
                 return False
             raise
         return True
-
-
-class SGLangEngineClient(_ClientBase):
-    """Client of an in-process engine with ``sglang.Engine``'s interface (or the CPU HFEngine)."""
-
-    def __init__(self, engine: Any, *, routing: TraceSpec | None = None, require_deterministic: bool = False):
-        super().__init__(routing, require_deterministic)
-        self.engine = engine
-
-    @property
-    def name(self) -> str:
-        return f"in-process {type(self.engine).__name__}"
-
-    @classmethod
-    def launch(cls, *, routing: TraceSpec | None = None, **server_args: Any) -> "SGLangEngineClient":
-        """Start ``sglang.Engine(**server_args)`` (e.g. model_path, tp_size, enable_return_routed_experts=True)."""
-        return cls(import_sglang().Engine(**server_args), routing=routing)
-
-    def get_server_info(self) -> dict[str, Any]:
-        return self.engine.get_server_info()
-
-    def _generate_samples(self, samples: list[_Sample], extra: dict[str, Any]) -> list[Any]:
-        outputs = self.engine.generate(input_ids=[s.prompt for s in samples],
-                                       sampling_params=[s.sampling_params for s in samples],
-                                       rid=[s.rid for s in samples], **extra)
-        if not isinstance(outputs, list) or len(outputs) != len(samples):
-            raise RolloutError(f"engine returned {type(outputs).__name__} for a batch of {len(samples)} requests "
-                               f"({samples[0].rid}..{samples[-1].rid})")
-        return outputs
-
-    def update_weight_version(self, new_version: str) -> None:
-        """Set the served version: ``Engine`` has no method for it, so this sends the request /update_weight_version
-        sends (UpdateWeightVersionReqInput through the tokenizer manager); the CPU HFEngine has the method."""
-        if hasattr(self.engine, "update_weight_version"):
-            self.engine.update_weight_version(new_version)
-            return
-        io_struct = import_sglang("sglang.srt.managers.io_struct")
-        request = io_struct.UpdateWeightVersionReqInput(new_version=new_version, abort_all_requests=False)
-        self.engine.loop.run_until_complete(self.engine.tokenizer_manager.update_weight_version(request))
-
-    def update_weights_from_disk(self, model_path: str, weight_version: str | None = None) -> None:
-        """``Engine.update_weights_from_disk(model_path, load_format=None)`` (no version argument), then the version."""
-        success, message, *_ = self.engine.update_weights_from_disk(str(model_path))
-        if not success:
-            raise RolloutError(f"update_weights_from_disk({model_path}): {message}")
-        if weight_version is not None:
-            self.update_weight_version(weight_version)
-
-    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, Any]],
-                                   weight_version: str | None = None) -> None:
-        """``Engine.update_weights_from_tensor(named_tensors, load_format=None, flush_cache=True)`` (it serializes once
-        per TP rank itself), then the version."""
-        success, message = self.engine.update_weights_from_tensor(list(named_tensors))
-        if not success:
-            raise RolloutError(f"update_weights_from_tensor: {message}")
-        if weight_version is not None:
-            self.update_weight_version(weight_version)
-
-    def get_weight_version(self) -> str:
-        return self.engine.get_model_info()["weight_version"]
-
-    def weights_checksum(self, names: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-        """Per-tensor digests of the CPU HFEngine (sglang.Engine has none comparable: verify with a probe there)."""
-        if not hasattr(self.engine, "weights_checksum"):
-            raise RolloutError(f"{type(self.engine).__name__} reports no weight digests: verify with a probe")
-        return self.engine.weights_checksum(names)

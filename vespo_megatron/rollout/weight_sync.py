@@ -6,7 +6,9 @@ Input: HF-named tensors ``[(name, tensor)]``, streamed (the converter's in-memor
   ``bucket_bytes`` (one ``/update_weights_from_distributed`` per bucket and engine, while rank 0 broadcasts each
   tensor of the bucket). Generation is paused around the update and the version is set, and the cache flushed, only
   with the last bucket: an interrupted sync leaves the engines paused at the old version, so no engine ever serves a
-  half-updated model (the next sync re-pushes everything and continues generation). Host memory: one bucket plus the
+  half-updated model (the next sync re-pushes everything and continues generation). A failure inside a bucket (a
+  broadcast that raises: an engine gone, the trainer's device lost) closes the group at once, so the engines waiting
+  for the rest of the bucket fail their receive within a second instead of blocking until the group timeout. Host memory: one bucket plus the
   one tensor looked ahead;
 - ``disk``: sharded safetensors (:func:`write_shards`, one shard in memory at a time) + ``update_weights_from_disk``;
 - ``tensor``: ``update_weights_from_tensor`` (in-process engine; SGLang HTTP with CUDA IPC on the same node).
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from vespo_megatron.rollout.engines import EnginePool
-from vespo_megatron.rollout.sglang import RolloutError
+from vespo_megatron.rollout.client import RolloutError
 from vespo_megatron.rollout.weight_group import WeightGroup, open_group
 from vespo_megatron.rollout.weight_names import mismatched_weights
 
@@ -203,12 +205,33 @@ class DistributedSync:
         futures = [(client, self._pool.submit(client.update_weights_from_distributed, names, dtypes, shapes,
                                               self.group_name, version, version is not None, self.timeout_s))
                    for client in self.engines.clients]
+        what = f"update_weights_from_distributed({names[0]}..{names[-1]})"
+        done = 0
         try:
             for tensor in tensors:
                 self.group.broadcast(tensor)
-        finally:
-            self.engines._gather(futures, f"update_weights_from_distributed({names[0]}..{names[-1]})")
+                done += 1
+        except BaseException as err:
+            self._abandon_group(futures, what)
+            if isinstance(err, Exception):
+                raise WeightSyncError(f"weight sync interrupted inside a bucket, after {done} of {len(names)} tensors "
+                                      f"(at {names[done]!r}): {err}; the weight-update group was closed (the engines "
+                                      "keep their version and stay paused; the next push rebuilds the group)") from err
+            raise
+        self.engines._gather(futures, what)
         return sum(nbytes(t) for t in tensors)
+
+    def _abandon_group(self, futures: list[tuple[Any, Any]], what: str) -> None:
+        """After a failure inside a bucket: leave the group first — the engines waiting for the rest of the bucket
+        see the peer gone and fail their receive at once instead of at the group timeout — then collect their
+        (failed) answers and have them destroy the broken group (failures only logged)."""
+        self.group.close()
+        self.group = None
+        try:
+            self.engines._gather(futures, what)
+        except RolloutError as err:
+            log.warning("interrupted sync: %s", err)
+        self.reset()
 
     def ensure(self, named_tensors: Callable[[], Iterable[tuple[str, torch.Tensor]]], version: str) -> list[str]:
         """Re-push (a fresh stream from ``named_tensors()``) when an engine does not hold ``version`` — restarted
