@@ -60,15 +60,22 @@ class MiniShare:
 
 
 def plan_shares(samples: Sequence[Sample], trace: Optional[PackedTrace], num_mini_batches: int, dp: int, tp: int,
-                micro_batch_size: int, place: RankPlace, cp: int = 1) -> list[MiniShare]:
+                micro_batch_size: int, place: RankPlace, cp: int = 1,
+                max_tokens: Optional[int] = None) -> list[MiniShare]:
     """Rank 0: the mini-batches of the rank at ``place`` (its samples; its CP/SP slice of its stage's trace
-    columns)."""
+    columns).
+
+    Micro-batches hold ``micro_batch_size`` samples, or (dynamic batching, ``max_tokens``) at most ``max_tokens``
+    padded tokens; either way every data-parallel rank gets the same number of non-empty micro-batches and the same
+    number of samples per mini-batch. The normalisers (``global_tokens``, ``global_seqs``) are the whole mini-batch's,
+    whatever the split, so the loss is the exact global token-mean under both."""
     size = len(samples) // num_mini_batches
     minis = []
     for k in range(num_mini_batches):
         chunk = samples[k * size:(k + 1) * size]
-        plan = plan_micro_batches([len(s.prompt) + len(s.response) for s in chunk], dp,
-                                  micro_batch_size=max(1, micro_batch_size))
+        lengths = [len(s.prompt) + len(s.response) for s in chunk]
+        plan = (plan_micro_batches(lengths, dp, max_tokens=max_tokens, cp=cp, equal_counts=True) if max_tokens
+                else plan_micro_batches(lengths, dp, micro_batch_size=max(1, micro_batch_size)))
         micros = []
         for ids in plan.micro_batches[place.dp_rank]:
             picked = [chunk[i] for i in ids]
