@@ -236,6 +236,9 @@ class TrainConfig:
         if self.moe_token_dispatcher_type not in DISPATCHERS:
             raise UsageError("--moe-token-dispatcher-type", f"one of {', '.join(DISPATCHERS)}, got "
                              f"{self.moe_token_dispatcher_type!r}")
+        if self.moe_token_dispatcher_type == "allgather":
+            raise UsageError("--moe-token-dispatcher-type", "allgather does not take variable sequence lengths "
+                             "(Megatron-Core), which packed RL batches are; use alltoall (or flex)")
         if self.moe_token_dispatcher_type == "flex" and not _importable("deep_ep"):
             raise UsageError("--moe-token-dispatcher-type", "flex needs DeepEP on a CUDA machine; use alltoall here")
         self._check_recompute_flags()
