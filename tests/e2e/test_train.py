@@ -49,7 +49,9 @@ def test_resume_reproduces_the_next_step(hf_dir, tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(loss="ppo2"), "--loss: unknown policy loss 'ppo2'"),
     (dict(routing_replay="r4"), "--routing-replay: unknown mode 'r4'"),
-    (dict(num_mini_batches=3), "--num-mini-batches: 3 does not divide the global batch 8"),
+    (dict(num_mini_batches=3), "--num-mini-batches: 3 does not divide the rollout batch 8"),
+    (dict(global_batch_size=3, num_mini_batches=None), "--global-batch-size: 3 does not divide the rollout batch 8"),
+    (dict(use_dynamic_batch_size=True), "--max-tokens-per-gpu: required"),
     (dict(async_rollout=True, max_lag=0), "--max-lag: must be >= 1"),
     (dict(hf_checkpoint=""), "--hf-checkpoint: required"),
 ])

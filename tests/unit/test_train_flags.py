@@ -90,8 +90,8 @@ def test_allgather_dispatcher_is_refused():
 ])
 def test_global_batch_and_mini_batches(line, n, gbs):
     cfg = parse(f"--hf-checkpoint x {line}")
-    assert (cfg.num_mini_batches, cfg.global_batch_size) == (n, gbs)
-    assert cfg.num_mini_batches * cfg.global_batch_size == cfg.rollout_samples == 32
+    assert (cfg.num_mini_batches, cfg.samples_per_optimizer_step) == (n, gbs)
+    assert cfg.num_mini_batches * cfg.samples_per_optimizer_step == cfg.rollout_samples == 32
 
 
 @pytest.mark.parametrize("line, error", [

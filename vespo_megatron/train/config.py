@@ -61,7 +61,7 @@ class TrainConfig:
     routing_replay: str = "off"
     rollout_batch_size: int = 8
     n_samples_per_prompt: int = 4
-    global_batch_size: Optional[int] = None  # samples per optimizer step; None: rollout samples / num_mini_batches
+    global_batch_size: Optional[int] = None  # samples per optimizer step as given; see samples_per_optimizer_step
     num_mini_batches: Optional[int] = None  # N optimizer steps per RL step; None: from global_batch_size (or 4)
     micro_batch_size: int = 4
     use_dynamic_batch_size: bool = False
@@ -128,13 +128,16 @@ class TrainConfig:
                 self.num_mini_batches = DEFAULT_MINI_BATCHES
             elif self.global_batch_size > 0 and rollout % self.global_batch_size == 0:
                 self.num_mini_batches = rollout // self.global_batch_size
-        if self.global_batch_size is None and self.num_mini_batches and rollout % self.num_mini_batches == 0:
-            self.global_batch_size = rollout // self.num_mini_batches
 
     @property
     def rollout_samples(self) -> int:
         """R = rollout_batch_size × n_samples_per_prompt: the samples of one RL step."""
         return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def samples_per_optimizer_step(self) -> int:
+        """G = R / N (``global_batch_size`` when given: it is kept as the user's input, N holds the resolved value)."""
+        return self.rollout_samples // self.num_mini_batches
 
     @property
     def total_optimizer_steps(self) -> int:
@@ -207,7 +210,7 @@ class TrainConfig:
             flag, value = (("--global-batch-size", self.global_batch_size) if self.num_mini_batches is None
                            else ("--num-mini-batches", self.num_mini_batches))
             raise UsageError(flag, f"{value} does not divide {rollout}")
-        if self.global_batch_size * self.num_mini_batches != self.rollout_samples:
+        if self.global_batch_size is not None and self.global_batch_size * self.num_mini_batches != self.rollout_samples:
             raise UsageError("--global-batch-size", f"{self.global_batch_size} samples per optimizer step × "
                              f"--num-mini-batches {self.num_mini_batches} must equal {rollout}")
         if self.use_dynamic_batch_size and (self.max_tokens_per_gpu is None or self.max_tokens_per_gpu < 1):

@@ -80,9 +80,9 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
     if world % default_world_size(cfg):
         raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp·cp, etp·ep) = {default_world_size(cfg)}")
     dp = data_parallel_size(cfg, world)
-    if cfg.global_batch_size % dp:
-        raise UsageError("--global-batch-size", f"{cfg.global_batch_size} samples per optimizer step do not split "
-                         f"over {dp} data-parallel ranks (world {world} / (tp·cp·pp))")
+    if cfg.samples_per_optimizer_step % dp:
+        raise UsageError("--global-batch-size", f"{cfg.samples_per_optimizer_step} samples per optimizer step do not "
+                         f"split over {dp} data-parallel ranks (world {world} / (tp·cp·pp))")
     for url in cfg.sglang_url or []:
         check.reachable(url)
     cfg.validate()
