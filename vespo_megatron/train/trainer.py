@@ -30,7 +30,7 @@ from safetensors import safe_open
 from vespo_megatron.convert.inmemory import hf_to_mcore_tensors, mcore_to_hf_tensors
 from vespo_megatron.convert.spec import model_spec
 from vespo_megatron.hf_config import load_hf_config, num_experts
-from vespo_megatron.megatron.batch import MicroBatch, micro_batch
+from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.checkpointing import load_model
 from vespo_megatron.megatron.loss import LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern
@@ -40,12 +40,11 @@ from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.packing import pack
 from vespo_megatron.routing.replay import RoutingReplay
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
-from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
+from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, build_micro_batches, plan_shares
 from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
 from vespo_megatron.train.timing import StepTimer
@@ -166,19 +165,9 @@ class Trainer:
     def _mini_batches(self, minis: list[MiniShare]) -> list[list[MicroBatch]]:
         """This rank's share -> its micro-batches of each mini-batch (packed here, routing slice attached)."""
         r = ranks()
-        out = []
-        for mini in minis:
-            mbs = []
-            for micro in mini.micros:
-                packed = pack(micro.samples, cp=r.cp, sp=r.tp)
-                mb = micro_batch(packed, r.cp_rank, r.tp_rank)
-                mb.global_tokens, mb.global_seqs = mini.global_tokens, mini.global_seqs
-                if micro.routing is not None:  # this rank's CP/SP slice of its stage's MoE layers; pads route live
-                    mb.routing = local_routing(micro.routing, micro.samples, packed, r.cp_rank, r.tp_rank,
-                                               self.replay.layer_columns, self.trace_spec.num_experts)
-                mbs.append(mb)
-            out.append(mbs)
-        return out
+        columns = self.replay.layer_columns if self.replay is not None else ()
+        return [build_micro_batches(mini, r.cp, r.cp_rank, r.tp, r.tp_rank, columns, self.trace_spec.num_experts)
+                for mini in minis]
 
     def step(self) -> StepResult:
         """One RL step; every stage timed on rank 0 (train/timing.py)."""
