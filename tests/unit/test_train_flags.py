@@ -103,6 +103,8 @@ def test_global_batch_and_mini_batches(line, n, gbs):
     ("--global-batch-size 0", "^--global-batch-size: must be >= 1"),
     ("--use-dynamic-batch-size", "^--max-tokens-per-gpu: required"),
     ("--max-tokens-per-gpu 64", "^--max-tokens-per-gpu: applies with --use-dynamic-batch-size"),
+    ("--use-dynamic-batch-size --max-tokens-per-gpu 20 --max-prompt-len 15 --max-new-tokens 6",
+     "^--max-tokens-per-gpu: 20 < the longest sample .* = 22$"),
     ("--recompute-granularity full", "^--recompute-method: required with --recompute-granularity full"),
     ("--recompute-granularity full --recompute-method block", "^--recompute-num-layers: required"),
     ("--recompute-granularity selective --recompute-method uniform", "^--recompute-method: applies with "

@@ -216,6 +216,12 @@ class TrainConfig:
         if self.use_dynamic_batch_size and (self.max_tokens_per_gpu is None or self.max_tokens_per_gpu < 1):
             raise UsageError("--max-tokens-per-gpu", "required (>= 1) with --use-dynamic-batch-size, got "
                              f"{self.max_tokens_per_gpu}")
+        if self.use_dynamic_batch_size and self.max_prompt_len:
+            unit = 2 * self.context_parallel_size
+            longest = -(-(self.max_prompt_len + self.max_new_tokens) // unit) * unit
+            if self.max_tokens_per_gpu < longest:
+                raise UsageError("--max-tokens-per-gpu", f"{self.max_tokens_per_gpu} < the longest sample "
+                                 f"(--max-prompt-len + --max-new-tokens, padded to 2·cp) = {longest}")
         if self.max_tokens_per_gpu is not None and not self.use_dynamic_batch_size:
             raise UsageError("--max-tokens-per-gpu", "applies with --use-dynamic-batch-size; not given")
 
