@@ -161,8 +161,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
             kind = type(default) if default is not None else str
             parser.add_argument(flag, type=kind, default=default, help=text)
     parser.add_argument("--lr-warmup-steps", dest=DEPRECATED["--lr-warmup-steps"][0], type=int, default=None,
+                        metavar="STEPS",
                         help="deprecated: RL steps of warm-up; use --lr-warmup-iters (optimizer steps)")
-    parser.add_argument("--log-dir", dest=DEPRECATED["--log-dir"][0], default=None,
+    parser.add_argument("--log-dir", dest=DEPRECATED["--log-dir"][0], default=None, metavar="DIR",
                         help="deprecated: use --tensorboard-dir")
     parser.add_argument("--loss-hparam", action="append", default=[], metavar="KEY=VALUE",
                         help="policy-loss hyper-parameter, e.g. k_pos=2.0 or clip_ratio_high=0.28 (repeatable)")
