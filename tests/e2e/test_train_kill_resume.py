@@ -19,7 +19,6 @@ timeout (300 s); a real SGLang server is a process of its own.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -32,7 +31,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from vespo_megatron.hf_config import tiny_hf_config
+from vespo_megatron.hf_config import load_hf_config, tiny_hf_config
+from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
 from vespo_megatron.train.run import run_training
 
@@ -83,9 +83,13 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def _latest(ckpt: Path) -> int:
-    marker = ckpt / "latest"
-    return int(marker.read_text().strip().removeprefix("iter_")) if marker.is_file() else 0
+def _latest(ckpt: Path, hf_dir: str) -> dict:
+    """Meta of the last complete checkpoint (iteration, policy version), through the checkpoint module (format-free);
+    {"iteration": 0} before the first."""
+    try:
+        return checkpoint.check_compatible(ckpt, load_hf_config(hf_dir))
+    except FileNotFoundError:
+        return {"iteration": 0}
 
 
 def _kill_a_rank_mid_run(settings: dict, work: Path) -> tuple[int, str]:
@@ -99,7 +103,7 @@ def _kill_a_rank_mid_run(settings: dict, work: Path) -> tuple[int, str]:
                            stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         deadline = time.monotonic() + 600
-        while _latest(ckpt) < 2:
+        while _latest(ckpt, settings["hf_checkpoint"])["iteration"] < 2:
             assert job.poll() is None, job.stderr.read()
             assert time.monotonic() < deadline, "no checkpoint of iteration 2 within 600 s"
             time.sleep(0.05)
@@ -124,7 +128,7 @@ def test_sync_resume_after_sigkill_reproduces_the_uninterrupted_run(hf_dir, tmp_
     settings = _settings(hf_dir, async_rollout=False)
     status, stderr = _kill_a_rank_mid_run(settings, tmp_path)
     _assert_stopped_clearly(status, stderr)
-    resumed_at = _latest(tmp_path / "ckpt")
+    resumed_at = _latest(tmp_path / "ckpt", hf_dir)["iteration"]
     assert 2 <= resumed_at < ITERS
     full = run_training(TrainConfig(**settings), world_size=2, quiet=True)
     resumed = run_training(TrainConfig(**settings, load=str(tmp_path / "ckpt")), world_size=2, quiet=True)
@@ -139,10 +143,9 @@ def test_async_resume_after_sigkill_continues_within_the_lag_bound(hf_dir, tmp_p
     settings = _settings(hf_dir, async_rollout=True)
     status, stderr = _kill_a_rank_mid_run(settings, tmp_path)
     _assert_stopped_clearly(status, stderr)
-    resumed_at = _latest(tmp_path / "ckpt")
-    assert 2 <= resumed_at < ITERS
-    meta = json.loads((tmp_path / "ckpt" / f"iter_{resumed_at:07d}" / "meta.json").read_text())
-    assert meta["iteration"] == meta["version"] == resumed_at
+    meta = _latest(tmp_path / "ckpt", hf_dir)
+    resumed_at = meta["iteration"]
+    assert 2 <= resumed_at < ITERS and meta["version"] == resumed_at
     again = tmp_path / "copy"
     shutil.copytree(tmp_path / "ckpt", again)  # the same checkpoint, resumed twice
     first = run_training(TrainConfig(**settings, load=str(tmp_path / "ckpt")), world_size=2, quiet=True)
