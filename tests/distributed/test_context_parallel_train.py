@@ -14,7 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from vespo_megatron.hf_config import tiny_hf_config
-from vespo_megatron.train.config import TrainConfig, add_train_args, config_from_args
+from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.flags import add_train_args, config_from_args
 from vespo_megatron.train.run import default_world_size, run_training
 
 pytestmark = pytest.mark.slow

@@ -44,3 +44,20 @@ def test_a_failing_rank_reports_its_traceback():
 def test_a_dead_rank_is_noticed_without_waiting_for_the_timeout():
     with pytest.raises(RuntimeError, match="rank 1 died with exit code 3"):
         spawn(_one_rank_dies, 2, timeout=600)
+
+
+def _one_rank_killed_in_a_collective(rank: int) -> int:
+    import signal
+
+    import torch
+
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.all_reduce(torch.ones(1))  # rank 0 waits for the dead rank: its failure must not hide the cause
+    return rank
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_is_named_with_its_signal():
+    with pytest.raises(RuntimeError, match=r"^rank 1 was killed by signal SIGKILL; the job is stopped"):
+        spawn(_one_rank_killed_in_a_collective, 2, timeout=600)

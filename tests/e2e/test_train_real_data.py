@@ -28,7 +28,7 @@ def test_train_on_jsonl_with_math_reward_and_eval_then_resume(tmp_path):
               "--eval-prompt-data", "arith", str(evals), "--eval-interval", "2", "--n-samples-per-eval-prompt", "2",
               "--rollout-batch-size", "4", "--n-samples-per-prompt", "2", "--num-mini-batches", "2",
               "--micro-batch-size", "2", "--rollout-max-response-len", "6", "--engine-dtype", "fp32",
-              "--save", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs")]
+              "--save", str(tmp_path / "ckpt"), "--tensorboard-dir", str(tmp_path / "logs")]
     first = _train(*common, "--train-iters", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from vespo_megatron.cli import UserInputError, build_parser
-from vespo_megatron.train.config import config_from_args
+from vespo_megatron.train.flags import config_from_args
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "qwen3_30b_a3b"
 SCRIPTS = sorted([*EXAMPLE.glob("*.sh"), *EXAMPLE.glob("*.sbatch")])
@@ -37,6 +37,7 @@ VALUES = {
     "SGLANG_URL": "http://sglang-host:30000",
     "N": "16",
     "ROLLOUT_BATCH": "4096",
+    "GLOBAL_BATCH": "2048",
     "REPLAY": "r3",
     "TRAIN_ITERS": "500",
     "SAVE_DIR": "/shared/vespo/runs/vespo-n16-r3/checkpoints",
@@ -181,8 +182,10 @@ def test_every_real_invocation_rejects_an_unknown_flag(example_arrays):
 
 
 @pytest.mark.parametrize("n", [4, 16, 32, 64])
-def test_train_flags_follow_the_paper(n, tmp_path):
-    """train_args.sh expanded by bash for N = gbs/mbs: the VESPO paper's Qwen3-30B-A3B setup (docs/vespo.md)."""
+def test_train_flags_follow_the_paper(n, tmp_path, monkeypatch):
+    """train_args.sh expanded by bash for N = gbs/mbs: the VESPO paper's Qwen3-30B-A3B setup (docs/vespo.md), with
+    Megatron-LM's flags (TE and grouped GEMM: Transformer Engine taken as installed, as on the H100 cluster)."""
+    monkeypatch.setattr("vespo_megatron.train.config._importable", lambda module: True)
     script = 'set -euo pipefail; source "$1"; printf "%s\\0" "${TRAIN_ARGS[@]}"'
     env = {"PATH": os.environ["PATH"], "N": str(n), "WORK": str(tmp_path)}  # no inherited TP, HF_DIR, ...
     out = subprocess.run(["bash", "-c", script, "bash", str(EXAMPLE / "train_args.sh")], env=env,
@@ -191,12 +194,16 @@ def test_train_flags_follow_the_paper(n, tmp_path):
     cfg = config_from_args(args)
     assert (cfg.loss, cfg.routing_replay, cfg.official_aggregation) == ("vespo", "r3", False)
     assert cfg.hparams == {"c1_pos": 2.0, "c2_pos": 3.0, "c1_neg": 3.0, "c2_neg": 2.0}
-    assert (cfg.lr, cfg.lr_warmup_steps, cfg.adam_beta1, cfg.adam_beta2) == (1e-6, 0, 0.9, 0.999)
+    assert (cfg.lr, cfg.lr_warmup_iters, cfg.lr_decay_style, cfg.adam_beta1, cfg.adam_beta2) == (
+        1e-6, 0, "constant", 0.9, 0.999)
+    assert cfg.bf16 and cfg.use_distributed_optimizer and cfg.sequence_parallel and cfg.moe_grouped_gemm
+    assert (cfg.transformer_impl, cfg.recompute_granularity, cfg.global_batch_size) == ("transformer_engine", "full",
+                                                                                         256 * 8)
     assert (cfg.weight_decay, cfg.clip_grad, cfg.n_samples_per_prompt) == (0.01, 1.0, 8)
     assert (cfg.rollout_batch_size, cfg.num_mini_batches) == (256 * n, n)
-    assert cfg.global_batch_size // cfg.num_mini_batches == 256 * 8  # one mini-batch = 256 prompts x 8 responses
+    assert cfg.rollout_samples // cfg.num_mini_batches == 256 * 8  # one mini-batch = 256 prompts x 8 responses
     assert (cfg.tensor_model_parallel_size, cfg.expert_model_parallel_size, cfg.pipeline_model_parallel_size) == (2, 8, 1)
-    assert cfg.sglang_url and args.mcore_checkpoint and cfg.save and cfg.log_dir and cfg.save_interval > 0
+    assert cfg.sglang_url and args.mcore_checkpoint and cfg.save and cfg.tensorboard_dir and cfg.save_interval > 0
 
 
 def test_conversion_tp_equals_training_tp():

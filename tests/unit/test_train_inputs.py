@@ -11,7 +11,8 @@ from vespo_megatron.data.arithmetic import arithmetic_rows, build_tokenizer, wri
 from vespo_megatron.data.stream import DatasetPrompts
 from vespo_megatron.errors import UsageError
 from vespo_megatron.rewards import REWARDS
-from vespo_megatron.train.config import TrainConfig, add_train_args, config_from_args
+from vespo_megatron.train.config import TrainConfig
+from vespo_megatron.train.flags import add_train_args, config_from_args
 from vespo_megatron.train.inputs import build_inputs
 from vespo_megatron.train.rollouts import make_producer
 

@@ -161,7 +161,8 @@ def _te_layer_spec(config: TransformerConfig, moe: bool) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
     return get_gpt_layer_with_transformer_engine_spec(
-        num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm
+        num_experts=config.num_moe_experts if moe else None, moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import time
 import traceback
@@ -123,6 +124,21 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         destroy_parallel()
 
 
+def _deaths(procs: list, results: dict) -> list[str]:
+    """One line per rank process that exited without reporting: the signal that killed it, or its exit code."""
+    out = []
+    for rank, proc in enumerate(procs):
+        code = proc.exitcode
+        if code is None or code == 0 or rank in results:
+            continue
+        if code < 0:
+            out.append(f"rank {rank} was killed by signal {signal.Signals(-code).name}; the job is stopped (resume "
+                       "with --load from the last complete checkpoint)")
+        else:
+            out.append(f"rank {rank} died with exit code {code} before reporting")
+    return out
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 600.0) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` gloo/NCCL ranks; return the results in rank order."""
     ctx = mp.get_context("spawn")
@@ -141,16 +157,15 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 
             try:
                 rank, ok, payload = queue.get(timeout=0.5)
             except Empty:
-                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead:
-                    errors.append(f"rank {dead[0][0]} died with exit code {dead[0][1]} before reporting")
-                elif time.monotonic() > deadline:
+                errors += _deaths(procs, results)[:1]
+                if not errors and time.monotonic() > deadline:
                     errors.append(f"no result from every rank within {timeout:.0f} s")
                 continue
             if ok:
                 results[rank] = pickle.loads(payload)
-            else:
-                errors.append(f"rank {rank} failed:\n{payload}")
+            else:  # a rank that died (killed) first makes the others fail in a collective: name it first
+                time.sleep(0.5)
+                errors += _deaths(procs, results)[:1] + [f"rank {rank} failed:\n{payload}"]
     finally:
         for proc in procs:
             proc.join(timeout=5 if errors else timeout)

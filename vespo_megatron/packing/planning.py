@@ -4,10 +4,12 @@ Cost of sample i = P_i, its token count padded to a multiple of 2·cp (what it o
 before the CP split). Deterministic greedy balancing (longest-processing-time first): samples in order of cost
 descending (index ascending on ties) go to the lightest bin (lowest bin index on ties) that has room.
 
-1. Samples -> DP ranks: LPT over dp bins (by count: exactly N/dp samples each).
+1. Samples -> DP ranks: LPT over dp bins (by count, or by budget with ``equal_counts``: exactly N/dp samples each).
 2. Each rank's samples -> k micro-batches, the same k on every rank:
    * budget: k starts at max_d ceil(load_d / max_tokens) and grows until LPT keeps every micro-batch within budget;
    * count: k = ceil((N/dp) / micro_batch_size), sizes as even as possible (each ≤ micro_batch_size).
+With ``equal_counts`` every rank holds N/dp ≥ k samples (a sample alone always fits the budget, so k ≤ N/dp), hence
+no micro-batch is empty: every rank runs k non-empty micro-batches (what expert-parallel all-to-alls need).
 A micro-batch lists its samples in ascending index; a rank's micro-batches are ordered by their first sample (empty
 ones, possible only when a rank has fewer samples than k, come last).
 """
@@ -64,8 +66,11 @@ def plan_micro_batches(
     max_tokens: int | None = None,
     micro_batch_size: int | None = None,
     cp: int = 1,
+    equal_counts: bool = False,
 ) -> MicroBatchPlan:
-    """Plan micro-batches for samples of ``seq_lens`` [N] tokens; give exactly one of max_tokens / micro_batch_size."""
+    """Plan micro-batches for samples of ``seq_lens`` [N] tokens; give exactly one of max_tokens / micro_batch_size.
+
+    ``equal_counts`` (budget mode): N/dp samples per rank (N divisible by dp), so no micro-batch is empty."""
     if (max_tokens is None) == (micro_batch_size is None):
         raise ValueError("give exactly one of max_tokens (dynamic batching) and micro_batch_size (by count)")
     for name, value in (("dp", dp), ("cp", cp), ("max_tokens", max_tokens), ("micro_batch_size", micro_batch_size)):
@@ -82,9 +87,9 @@ def plan_micro_batches(
     costs = -(-n // (2 * cp)) * (2 * cp)
     items = list(range(n.size))
 
+    if (micro_batch_size is not None or equal_counts) and n.size % dp:
+        raise ValueError(f"{n.size} samples are not divisible by dp={dp}")
     if micro_batch_size is not None:
-        if n.size % dp:
-            raise ValueError(f"{n.size} samples are not divisible by dp={dp}")
         per_rank = n.size // dp
         k = -(-per_rank // micro_batch_size)
         ranks = _lpt(items, costs, [per_rank] * dp)
@@ -94,7 +99,7 @@ def plan_micro_batches(
     if too_big.any():
         i = int(np.argmax(too_big))
         raise ValueError(f"sample {i}: {int(costs[i])} padded tokens exceed max_tokens={max_tokens}")
-    ranks = _lpt(items, costs, [None] * dp)
+    ranks = _lpt(items, costs, [n.size // dp if equal_counts else None] * dp)
     k = max(1, max(-(-int(costs[r].sum()) // max_tokens) for r in ranks))
     while True:
         plan = [_lpt(r, costs, [None] * k) for r in ranks]

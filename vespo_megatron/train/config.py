@@ -1,104 +1,36 @@
-"""Every knob of an RL training run in one dataclass, with Megatron-LM-style command-line flags.
+"""Every knob of an RL training run in one dataclass; the command-line flags (Megatron-LM's names and meanings) are
+defined in :mod:`vespo_megatron.train.flags`.
 
-Batch vocabulary: a step draws ``rollout_batch_size`` prompts × ``n_samples_per_prompt`` responses (the global batch,
-gbs), splits it into ``num_mini_batches`` = N = gbs/mbs mini-batches and takes one optimizer step per mini-batch
-(staleness N: the last mini-batch is N−1 updates away from π_old). Fully asynchronous mode: rollouts are produced
-while training runs, at most ``max_lag`` policy versions behind, and μ is the rollout engine's log-prob.
+Batch vocabulary (Megatron-LM's meanings): a step draws ``rollout_batch_size`` prompts × ``n_samples_per_prompt``
+responses (the rollout batch, R samples); ``global_batch_size`` G is the number of samples per optimizer step, so a
+step takes N = R / G optimizer steps (``num_mini_batches``; staleness N: the last mini-batch is N−1 updates away from
+π_old). Give either G or N (or both, consistent). ``micro_batch_size`` is samples per micro-batch per data-parallel
+rank; with ``use_dynamic_batch_size`` micro-batches are cut by a token budget (``max_tokens_per_gpu``) instead.
+Fully asynchronous mode: rollouts are produced while training runs, at most ``max_lag`` policy versions behind, and
+μ is the rollout engine's log-prob.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import importlib.util
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vespo_megatron.errors import UsageError
-from vespo_megatron.objectives.config import KL_LOSS_TYPES, RegularizerConfig
+from vespo_megatron.objectives.config import RegularizerConfig
+
+logger = logging.getLogger(__name__)
 
 LOSSES = ("vespo", "vespo-lin", "vespo-sqrt", "grpo", "gspo", "sapo", "cispo")
 REPLAY = ("off", "r2", "r3")
 WEIGHT_SYNC = ("auto", "distributed", "disk", "tensor")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+DISPATCHERS = ("allgather", "alltoall", "flex")
+RECOMPUTE_GRANULARITY = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+DEFAULT_MINI_BATCHES = 4  # N when neither --global-batch-size nor --num-mini-batches is given
 
-HELP: dict[str, str] = {
-    "hf_checkpoint": "HF directory (save_pretrained output): the model, its config and the engine's weights",
-    "sglang_url": "running SGLang server; repeat for several engines (requests spread, weights pushed to all), or an "
-                  "sglang-router URL; default: start the CPU engine (SGLang protocol) in this process",
-    "engine_dtype": "dtype of the in-process CPU engine",
-    "weight_sync": "how weights reach the engines after each step: distributed (broadcast over a process group the "
-                   "engines join: NCCL on GPU, gloo on CPU), disk (sharded safetensors), tensor (CUDA IPC, same node) "
-                   "or auto (distributed when every engine serves it, else disk)",
-    "weight_sync_bucket_mb": "most MiB per broadcast bucket of the distributed weight sync (rank-0 host memory: one "
-                             "bucket + one tensor)",
-    "weight_sync_master_addr": "address of training rank 0 the engines reach for the distributed weight sync "
-                               "(default: 127.0.0.1 when every engine is local, else this host's address)",
-    "tensor_model_parallel_size": "tensor-parallel size (sequence parallel is on when > 1)",
-    "pipeline_model_parallel_size": "pipeline-parallel size",
-    "expert_model_parallel_size": "expert-parallel size",
-    "context_parallel_size": "context-parallel size: each sequence is padded to a multiple of 2·cp and its zig-zag "
-                             "chunks spread over the CP ranks",
-    "loss": "policy loss",
-    "loss_agg_mode": "loss aggregation",
-    "honour_agg_mode": "gspo/sapo use --loss-agg-mode instead of the official seq-mean-token-mean",
-    "official_aggregation": "normalise per micro-batch as the official code (default: exact global token-mean)",
-    "routing_replay": "MoE routing replay: off, r2 (record π_old's experts) or r3 (the rollout engine's experts)",
-    "rollout_batch_size": "prompts per step",
-    "n_samples_per_prompt": "responses per prompt (a GRPO group)",
-    "num_mini_batches": "N = optimizer steps per RL step (staleness N)",
-    "micro_batch_size": "samples per micro-batch",
-    "max_new_tokens": "response length limit in tokens (alias --max-new-tokens)",
-    "temperature": "sampling temperature; training log-probs are those of logits / temperature (alias --temperature)",
-    "rollout_top_p": "nucleus sampling: keep the most likely tokens up to this probability mass",
-    "rollout_top_k": "sample among the k most likely tokens (-1: all)",
-    "rollout_stop": "stop string (repeatable; needs a server that detokenises, e.g. SGLang)",
-    "rollout_stop_token_ids": "extra stop token ids, besides the model's EOS (generation_config.json, tokenizer)",
-    "lr": "learning rate",
-    "lr_warmup_steps": "linear warm-up steps of the learning rate",
-    "weight_decay": "Adam weight decay",
-    "adam_beta1": "Adam beta1",
-    "adam_beta2": "Adam beta2",
-    "clip_grad": "gradient-norm clipping",
-    "bf16": "bf16 mixed precision (Megatron's Float16Module; fp32 main params and grads in the optimizer; log-probs "
-            "and the loss in fp32)",
-    "use_distributed_optimizer": "Megatron's DistributedOptimizer: optimizer state sharded over the data-parallel "
-                                 "ranks",
-    "kl_coef": "coefficient of the KL(π‖π_ref) loss term against the frozen reference (--ref-load; default: the "
-               "initial weights)",
-    "kl_loss_type": f"KL estimator of the loss term: {', '.join(KL_LOSS_TYPES)} (k2 = mse, k3 = low_var_kl)",
-    "entropy_coef": "coefficient of the entropy bonus (loss − entropy_coef · H)",
-    "ref_load": "reference policy π_ref for --kl-coef: a Megatron checkpoint directory or a --save directory (its "
-                "latest iteration); default: the initial weights",
-    "train_iters": "RL steps to run",
-    "seed": "random seed",
-    "async_rollout": "fully asynchronous rollouts (μ = the engine's log-probs)",
-    "max_lag": "largest policy lag of an asynchronous rollout",
-    "save": "checkpoint directory to save to",
-    "load": "checkpoint directory to resume from",
-    "save_interval": "save every N steps (0: only at the end)",
-    "log_dir": "TensorBoard / metrics.jsonl directory",
-    "wandb_project": "Weights & Biases project (off when unset)",
-    "task_symbols": "symbols of the synthetic repeat task (used without --prompt-data)",
-    "prompt_data": "prompt file: .jsonl, .parquet or a datasets save_to_disk directory (default: the synthetic task)",
-    "input_key": "column of the prompt: text or chat messages [{role, content}]",
-    "label_key": "column of the label handed to the reward (dotted path into nested columns allowed)",
-    "metadata_key": "column of per-row metadata (a dict or a JSON string) handed to the reward",
-    "apply_chat_template": "render prompts with the tokenizer's chat template (with the generation prompt)",
-    "tokenizer": "tokenizer directory (default: --hf-checkpoint)",
-    "rollout_shuffle": "shuffle the prompts, anew each epoch",
-    "max_prompt_len": "drop (and count) prompts longer than this many tokens",
-    "prompt_data_bad_rows": "a bad row (missing key, empty prompt, undecodable): error, or skip and count",
-    "reward": "registered reward: math, dapo, exact, repeat (default: repeat without --prompt-data)",
-    "custom_reward_path": "user reward module:function or file.py:function (one sample -> float or {score})",
-    "reward_errors": "a reward that raises: raise, or zero (counted in reward/errors)",
-    "advantage_estimator": "grpo, dr-grpo (no std normalisation), rloo or reinforce++-baseline",
-    "dynamic_sampling": "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more prompts",
-    "dynamic_sampling_max_rounds": "generation rounds per step at most with --dynamic-sampling",
-    "eval_prompt_data": "NAME PATH of an eval set, read with the --input-key/--label-key/... of training (repeatable)",
-    "eval_interval": "evaluate every N steps (0: never)",
-    "n_samples_per_eval_prompt": "responses per eval prompt (pass@n is logged when > 1)",
-    "eval_greedy": "greedy decoding for evaluation (default: the rollout sampling settings)",
-}
-ALIASES = {"max_new_tokens": ("--rollout-max-response-len", "--max-new-tokens"),
-           "temperature": ("--rollout-temperature", "--temperature")}
 REWARD_ERRORS = ("raise", "zero")
 ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++-baseline")
 
@@ -115,6 +47,14 @@ class TrainConfig:
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    expert_tensor_parallel_size: int = 1
+    sequence_parallel: Optional[bool] = None  # None: on when TP > 1 (the only TP layout here); see check_flags
+    transformer_impl: str = "local"
+    moe_grouped_gemm: bool = False
+    moe_token_dispatcher_type: str = "alltoall"
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
     loss: str = "vespo"
     loss_agg_mode: str = "token-mean"
     honour_agg_mode: bool = False
@@ -122,12 +62,18 @@ class TrainConfig:
     routing_replay: str = "off"
     rollout_batch_size: int = 8
     n_samples_per_prompt: int = 4
-    num_mini_batches: int = 4
+    global_batch_size: Optional[int] = None  # samples per optimizer step as given; see samples_per_optimizer_step
+    num_mini_batches: Optional[int] = None  # N optimizer steps per RL step; None: from global_batch_size (or 4)
     micro_batch_size: int = 4
+    use_dynamic_batch_size: bool = False
+    max_tokens_per_gpu: Optional[int] = None
     max_new_tokens: int = 6
     temperature: float = 1.0
     lr: float = 1e-3
-    lr_warmup_steps: int = 0
+    min_lr: float = 0.0
+    lr_decay_style: str = "constant"
+    lr_warmup_iters: int = 0
+    lr_decay_iters: Optional[int] = None  # optimizer steps; None: every optimizer step of the run
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -145,7 +91,8 @@ class TrainConfig:
     save: Optional[str] = None
     load: Optional[str] = None
     save_interval: int = 0
-    log_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = None
+    log_interval: int = 1
     wandb_project: Optional[str] = None
     rollout_top_p: float = 1.0
     rollout_top_k: int = -1
@@ -176,10 +123,38 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.sglang_url, str):  # one engine given as a plain URL
             self.sglang_url = [self.sglang_url]
+        rollout = self.rollout_samples
+        if self.num_mini_batches is None:  # N from G when G divides the rollout batch (else check_flags says so)
+            if self.global_batch_size is None:
+                self.num_mini_batches = DEFAULT_MINI_BATCHES
+            elif self.global_batch_size > 0 and rollout % self.global_batch_size == 0:
+                self.num_mini_batches = rollout // self.global_batch_size
 
     @property
-    def global_batch_size(self) -> int:
+    def rollout_samples(self) -> int:
+        """R = rollout_batch_size × n_samples_per_prompt: the samples of one RL step."""
         return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def samples_per_optimizer_step(self) -> int:
+        """G = R / N (``global_batch_size`` when given: it is kept as the user's input, N holds the resolved value)."""
+        return self.rollout_samples // self.num_mini_batches
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        """train_iters × N: the learning-rate schedule's length (Megatron-LM's iterations)."""
+        return self.train_iters * self.num_mini_batches
+
+    def model_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``megatron.model.build_model`` these flags select (TE spec, dispatcher, grouped
+        GEMM, recomputation: TransformerConfig fields)."""
+        options: dict[str, Any] = dict(use_te=self.transformer_impl == "transformer_engine",
+                                       dispatcher=self.moe_token_dispatcher_type,
+                                       moe_grouped_gemm=self.moe_grouped_gemm)
+        if self.recompute_granularity:
+            options.update(recompute_granularity=self.recompute_granularity, recompute_method=self.recompute_method,
+                           recompute_num_layers=self.recompute_num_layers)
+        return options
 
     def validate(self) -> "TrainConfig":
         """Clear errors at start, before any work (:class:`UsageError` naming the flag)."""
@@ -202,15 +177,14 @@ class TrainConfig:
             raise UsageError("--loss", f"unknown policy loss {self.loss!r}; known: {', '.join(LOSSES)}")
         if self.routing_replay not in REPLAY:
             raise UsageError("--routing-replay", f"unknown mode {self.routing_replay!r}; known: {', '.join(REPLAY)}")
-        for name in ("rollout_batch_size", "n_samples_per_prompt", "num_mini_batches", "micro_batch_size",
-                     "max_new_tokens", "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size", "context_parallel_size"):
+        for name in ("rollout_batch_size", "n_samples_per_prompt", "micro_batch_size", "max_new_tokens",
+                     "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size", "context_parallel_size", "expert_tensor_parallel_size",
+                     "log_interval"):
             if getattr(self, name) < 1:
                 raise UsageError(_flag(name), f"must be >= 1, got {getattr(self, name)}")
-        if self.global_batch_size % self.num_mini_batches:
-            raise UsageError("--num-mini-batches", f"{self.num_mini_batches} does not divide the global batch "
-                             f"{self.global_batch_size} (= rollout batch {self.rollout_batch_size} × "
-                             f"{self.n_samples_per_prompt} samples per prompt)")
+        self._check_batch_flags()
+        self._check_model_flags()
         if self.async_rollout and self.max_lag < 1:
             raise UsageError("--max-lag", f"must be >= 1 in asynchronous mode, got {self.max_lag}")
         if self.weight_sync not in WEIGHT_SYNC:
@@ -226,7 +200,89 @@ class TrainConfig:
         for name in ("lr", "clip_grad", "temperature"):
             if not getattr(self, name) > 0:
                 raise UsageError(_flag(name), f"must be > 0, got {getattr(self, name)}")
+        self._check_lr_flags()
         self._check_data_flags()
+
+    def _check_batch_flags(self) -> None:
+        """G × N = R (Megatron-LM's --global-batch-size is samples per optimizer step) and the token budget."""
+        rollout = (f"the rollout batch {self.rollout_samples} (= --rollout-batch-size {self.rollout_batch_size} × "
+                   f"--n-samples-per-prompt {self.n_samples_per_prompt})")
+        for name in ("global_batch_size", "num_mini_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(_flag(name), f"must be >= 1, got {value}")
+        if self.num_mini_batches is None or self.rollout_samples % self.num_mini_batches:
+            flag, value = (("--global-batch-size", self.global_batch_size) if self.num_mini_batches is None
+                           else ("--num-mini-batches", self.num_mini_batches))
+            raise UsageError(flag, f"{value} does not divide {rollout}")
+        if self.global_batch_size is not None and self.global_batch_size * self.num_mini_batches != self.rollout_samples:
+            raise UsageError("--global-batch-size", f"{self.global_batch_size} samples per optimizer step × "
+                             f"--num-mini-batches {self.num_mini_batches} must equal {rollout}")
+        if self.use_dynamic_batch_size and (self.max_tokens_per_gpu is None or self.max_tokens_per_gpu < 1):
+            raise UsageError("--max-tokens-per-gpu", "required (>= 1) with --use-dynamic-batch-size, got "
+                             f"{self.max_tokens_per_gpu}")
+        if self.use_dynamic_batch_size and self.max_prompt_len:
+            unit = 2 * self.context_parallel_size
+            longest = -(-(self.max_prompt_len + self.max_new_tokens) // unit) * unit
+            if self.max_tokens_per_gpu < longest:
+                raise UsageError("--max-tokens-per-gpu", f"{self.max_tokens_per_gpu} < the longest sample "
+                                 f"(--max-prompt-len + --max-new-tokens, padded to 2·cp) = {longest}")
+        if self.max_tokens_per_gpu is not None and not self.use_dynamic_batch_size:
+            raise UsageError("--max-tokens-per-gpu", "applies with --use-dynamic-batch-size; not given")
+
+    def _check_model_flags(self) -> None:
+        """Layouts and kernels: what this trainer runs, and a clear error for what this machine cannot."""
+        if self.tensor_model_parallel_size > 1 and self.sequence_parallel is False:
+            raise UsageError("--sequence-parallel", "tensor parallelism runs with sequence parallelism here (MoE "
+                             "token dispatch and the packed layout are split over TP); it cannot be turned off")
+        if self.tensor_model_parallel_size > 1 and self.sequence_parallel is None:
+            logger.info("--tensor-model-parallel-size %d: sequence parallelism is on (pass --sequence-parallel, as "
+                        "Megatron-LM MoE scripts do)", self.tensor_model_parallel_size)
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise UsageError("--transformer-impl", f"one of {', '.join(TRANSFORMER_IMPLS)}, got "
+                             f"{self.transformer_impl!r}")
+        if self.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
+            raise UsageError("--transformer-impl", "transformer_engine needs NVIDIA Transformer Engine on a CUDA "
+                             "machine (pip install 'vespo-megatron[gpu]'); use --transformer-impl local here")
+        if self.moe_grouped_gemm and self.transformer_impl != "transformer_engine":
+            raise UsageError("--moe-grouped-gemm", "needs --transformer-impl transformer_engine (TE's grouped GEMM "
+                             "experts, CUDA)")
+        if self.moe_token_dispatcher_type not in DISPATCHERS:
+            raise UsageError("--moe-token-dispatcher-type", f"one of {', '.join(DISPATCHERS)}, got "
+                             f"{self.moe_token_dispatcher_type!r}")
+        if self.moe_token_dispatcher_type == "allgather":
+            raise UsageError("--moe-token-dispatcher-type", "allgather does not take variable sequence lengths "
+                             "(Megatron-Core), which packed RL batches are; use alltoall (or flex)")
+        if self.moe_token_dispatcher_type == "flex" and not _importable("deep_ep"):
+            raise UsageError("--moe-token-dispatcher-type", "flex needs DeepEP on a CUDA machine; use alltoall here")
+        self._check_recompute_flags()
+
+    def _check_recompute_flags(self) -> None:
+        """Megatron-LM's rules: full needs a method and a layer count; selective takes neither."""
+        granularity, method, layers = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is not None and granularity not in RECOMPUTE_GRANULARITY:
+            raise UsageError("--recompute-granularity", f"full or selective, got {granularity!r}")
+        if method is not None and method not in RECOMPUTE_METHODS:
+            raise UsageError("--recompute-method", f"uniform or block, got {method!r}")
+        if granularity == "full" and (method is None or layers is None or layers < 1):
+            raise UsageError("--recompute-method" if method is None else "--recompute-num-layers",
+                             "required with --recompute-granularity full (uniform|block, and a layer count >= 1)")
+        if granularity != "full" and (method is not None or layers is not None):
+            raise UsageError("--recompute-method" if method is not None else "--recompute-num-layers",
+                             "applies with --recompute-granularity full only")
+
+    def _check_lr_flags(self) -> None:
+        """Megatron-Core's OptimizerParamScheduler's own constraints, as flag errors."""
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise UsageError("--lr-decay-style", f"one of {', '.join(LR_DECAY_STYLES)}, got {self.lr_decay_style!r}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise UsageError("--min-lr", f"must be in [0, --lr {self.lr}], got {self.min_lr}")
+        decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.total_optimizer_steps
+        if decay < 1:
+            raise UsageError("--lr-decay-iters", f"must be >= 1, got {decay}")
+        if not 0 <= self.lr_warmup_iters < decay:
+            raise UsageError("--lr-warmup-iters", f"must be in [0, {decay}) (the decay length in optimizer steps: "
+                             "--lr-decay-iters, default --train-iters × N)")
 
     def _check_data_flags(self) -> None:
         """Data, reward, advantage, generation and evaluation flags (the files are checked in the preflight)."""
@@ -277,54 +333,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_args(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (``--tensor-model-parallel-size`` style); booleans are store_true."""
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "hparams":
-            continue
-        flag, default, text = _flag(f.name), getattr(defaults, f.name), HELP[f.name]
-        if f.name in ALIASES:
-            parser.add_argument(*ALIASES[f.name], dest=f.name, type=type(default), default=default, help=text)
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default, help=text)
-        elif f.name == "eval_prompt_data":
-            parser.add_argument(flag, nargs=2, action="append", default=[], metavar=("NAME", "PATH"), help=text)
-        elif f.name in ("rollout_stop", "rollout_stop_token_ids"):
-            parser.add_argument(flag, action="append", default=[], help=text,
-                                type=int if f.name.endswith("ids") else str)
-        elif f.name in ("max_prompt_len",):
-            parser.add_argument(flag, type=int, default=default, help=text)
-        elif f.name == "advantage_estimator":
-            parser.add_argument(flag, default=default, choices=ESTIMATORS, help=text)
-        elif f.name == "loss":
-            parser.add_argument(flag, default=default, choices=LOSSES, help=text)
-        elif f.name == "routing_replay":
-            parser.add_argument(flag, default=default, choices=REPLAY, help=text)
-        elif f.name == "sglang_url":
-            parser.add_argument(flag, action="append", default=None, metavar="URL", help=text)
-        elif f.name == "weight_sync":
-            parser.add_argument(flag, default=default, choices=WEIGHT_SYNC, help=text)
-        elif f.name == "hf_checkpoint":
-            parser.add_argument(flag, required=True, metavar="DIR", help=text)
-        else:
-            kind = type(default) if default is not None else str
-            parser.add_argument(flag, type=kind, default=default, help=text)
-    parser.add_argument("--loss-hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="policy-loss hyper-parameter, e.g. k_pos=2.0 or clip_ratio_high=0.28 (repeatable)")
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    hparams = {}
-    for item in getattr(args, "loss_hparam", []):
-        key, sep, value = item.partition("=")
-        try:
-            if not sep:
-                raise ValueError
-            hparams[key] = float(value)
-        except ValueError:
-            raise UsageError("--loss-hparam", f"expected KEY=NUMBER, got {item!r}") from None
-    cfg = TrainConfig(**values, hparams=hparams)
-    cfg.check_flags()  # the rest of validate() runs in the launcher's preflight, after the path checks
-    return cfg

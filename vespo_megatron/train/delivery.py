@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from vespo_megatron.megatron.batch import MicroBatch, micro_batch
 from vespo_megatron.packing import pack, plan_micro_batches
 from vespo_megatron.packing.sample import Sample
 from vespo_megatron.routing.shard import LocalTrace, batch_shard, local_index
@@ -60,15 +61,22 @@ class MiniShare:
 
 
 def plan_shares(samples: Sequence[Sample], trace: Optional[PackedTrace], num_mini_batches: int, dp: int, tp: int,
-                micro_batch_size: int, place: RankPlace, cp: int = 1) -> list[MiniShare]:
+                micro_batch_size: int, place: RankPlace, cp: int = 1,
+                max_tokens: Optional[int] = None) -> list[MiniShare]:
     """Rank 0: the mini-batches of the rank at ``place`` (its samples; its CP/SP slice of its stage's trace
-    columns)."""
+    columns).
+
+    Micro-batches hold ``micro_batch_size`` samples, or (dynamic batching, ``max_tokens``) at most ``max_tokens``
+    padded tokens; either way every data-parallel rank gets the same number of non-empty micro-batches and the same
+    number of samples per mini-batch. The normalisers (``global_tokens``, ``global_seqs``) are the whole mini-batch's,
+    whatever the split, so the loss is the exact global token-mean under both."""
     size = len(samples) // num_mini_batches
     minis = []
     for k in range(num_mini_batches):
         chunk = samples[k * size:(k + 1) * size]
-        plan = plan_micro_batches([len(s.prompt) + len(s.response) for s in chunk], dp,
-                                  micro_batch_size=max(1, micro_batch_size))
+        lengths = [len(s.prompt) + len(s.response) for s in chunk]
+        plan = (plan_micro_batches(lengths, dp, max_tokens=max_tokens, cp=cp, equal_counts=True) if max_tokens
+                else plan_micro_batches(lengths, dp, micro_batch_size=max(1, micro_batch_size)))
         micros = []
         for ids in plan.micro_batches[place.dp_rank]:
             picked = [chunk[i] for i in ids]
@@ -174,6 +182,23 @@ def local_routing(routing: np.ndarray, samples: Sequence[Sample], packed: Any, c
     rows = np.asarray([len(s.prompt) + len(s.response) - 1 for s in samples], np.int64)
     return LocalTrace(routing, local_index(rows, packed, cp_rank, tp_rank), tuple(int(c) for c in layer_columns),
                       num_experts)
+
+
+def build_micro_batches(mini: MiniShare, cp: int, cp_rank: int, tp: int, tp_rank: int,
+                        layer_columns: Sequence[int] = (), num_experts: int = 0) -> list[MicroBatch]:
+    """A received mini-batch -> this rank's micro-batches: each packed for (cp, sp = tp), the slots of its CP/SP rank,
+    the mini-batch's normalisers (global response tokens and sequences: the exact global token-mean whatever the
+    micro-batch split) and, with r3, its routing slice (pads route live)."""
+    out = []
+    for micro in mini.micros:
+        packed = pack(micro.samples, cp=cp, sp=tp)
+        mb = micro_batch(packed, cp_rank, tp_rank)
+        mb.global_tokens, mb.global_seqs = mini.global_tokens, mini.global_seqs
+        if micro.routing is not None:
+            mb.routing = local_routing(micro.routing, micro.samples, packed, cp_rank, tp_rank, layer_columns,
+                                       num_experts)
+        out.append(mb)
+    return out
 
 
 class BatchDelivery:

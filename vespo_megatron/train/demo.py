@@ -90,7 +90,7 @@ def run_demo(workdir: str | Path, steps: int = 4, nproc: int = 2, seed: int = 0)
             hf_checkpoint=str(hf_dir), sglang_url=[server.url], expert_model_parallel_size=2, loss="vespo",
             routing_replay="r3", rollout_batch_size=8, n_samples_per_prompt=4, num_mini_batches=4, micro_batch_size=4,
             max_new_tokens=12, lr=3e-3, train_iters=steps, seed=seed, save=str(work / "ckpt"),
-            log_dir=str(work / "logs"), prompt_data=str(train_data), input_key="prompt", label_key="label",
+            tensorboard_dir=str(work / "logs"), prompt_data=str(train_data), input_key="prompt", label_key="label",
             metadata_key="metadata", apply_chat_template=True, rollout_shuffle=True, reward="math",
             eval_prompt_data=[["arith", str(eval_data)]], eval_interval=2, n_samples_per_eval_prompt=2,
         )

@@ -1,4 +1,7 @@
-"""Per-step metrics: one line on stdout, JSONL, TensorBoard (when installed) and W&B (when installed and asked)."""
+"""Per-step metrics: one line on stdout, JSONL, TensorBoard (when installed) and W&B (when installed and asked).
+
+``--tensorboard-dir D``: the event files and ``metrics.jsonl`` go to D (every step, every metric, ``timing/*`` and
+``throughput/*`` included)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +10,7 @@ from typing import Any, Optional
 
 SHOWN = ("reward_mean", "loss", "response_len_mean", "entropy", "grad_norm", "vespo/w_seq_mean", "vespo/phi_mean",
          "routing_replay/differ_frac", "policy_lag")
+TIMED = ("rollout", "reward", "pack", "old_logp", "update", "weight_sync", "step")
 
 
 class MetricsLogger:
@@ -18,7 +22,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(Path(log_dir) / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(log_dir))
             except ImportError:
                 self.tb = None
         if wandb_project:
@@ -33,7 +37,10 @@ class MetricsLogger:
         keys = [k for k in SHOWN if k in metrics] + [k for k in metrics if k.startswith("eval/")
                                                      and k.endswith(("/mean_reward", "/pass@1"))]
         shown = " ".join(f"{k.split('/')[-1] if k.startswith('vespo/') else k}={metrics[k]:.4g}" for k in keys)
-        return f"step {step:4d} | {shown}"
+        times = " ".join(f"{k}={metrics[f'timing/{k}']:.2f}" for k in TIMED if f"timing/{k}" in metrics)
+        speed = (f" | {metrics['throughput/tokens_per_s']:.0f} tok/s {metrics['throughput/samples_per_s']:.2f} "
+                 "samples/s" if "throughput/tokens_per_s" in metrics else "")
+        return f"step {step:4d} | {shown}" + (f" | s: {times}{speed}" if times else "")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self.jsonl:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,7 @@ class RolloutBatch:
     group_ids: list[int]  # [gbs] prompt index of each sample
     metrics: dict[str, float] = field(default_factory=dict)  # reward extras, dynamic sampling, data epoch
     data_state: Optional[dict[str, Any]] = None  # the prompt source's state after this batch's prompts
+    reward_seconds: float = 0.0  # wall time spent scoring this batch (train/timing.py)
 
     def samples(self, advantages: np.ndarray) -> list[Sample]:
         """Packer samples (tokens, rollout log-probs, advantage), in batch order."""
@@ -134,6 +136,7 @@ def make_producer(client: Any, prompts: Any, reward: Reward, *, rollout_batch_si
         rewards: list[float] = []
         extras: dict[str, list[float]] = {}
         errors = dropped = rounds = 0
+        reward_seconds = 0.0
         while len(records) < rollout_batch_size * n:
             if rounds == max_rounds:
                 raise RuntimeError(
@@ -143,8 +146,10 @@ def make_producer(client: Any, prompts: Any, reward: Reward, *, rollout_batch_si
             new = client.generate([p.ids for p in drawn], sampling, samples_per_prompt=n,
                                   seed=seed + iteration + 1_000_003 * rounds, return_routed_experts=routing,
                                   rid_prefix=f"it{iteration}" + (f"r{rounds}" if rounds else ""))
+            start = time.perf_counter()
             scores = score_samples(reward, reward_samples(new, [p for p in drawn for _ in range(n)], tokenizer),
                                    reward_errors)
+            reward_seconds += time.perf_counter() - start
             errors += scores.errors
             for key, values in scores.extras.items():
                 extras.setdefault(key, []).extend(values)
@@ -165,6 +170,6 @@ def make_producer(client: Any, prompts: Any, reward: Reward, *, rollout_batch_si
             metrics["dynamic_sampling/rounds"] = float(rounds)
         groups = [i // n for i in range(len(records))]
         return RolloutBatch(iteration, version, records, np.asarray(rewards, dtype=np.float64), groups, metrics,
-                            prompts.state_dict())
+                            prompts.state_dict(), reward_seconds)
 
     return produce

@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def default_world_size(cfg: TrainConfig) -> int:
-    """The smallest world for the layout: pp · lcm(tp·cp, ep) (expert tensor parallel 1)."""
+    """The smallest world for the layout: pp · lcm(tp·cp, etp·ep)."""
     dense = cfg.tensor_model_parallel_size * cfg.context_parallel_size
-    return cfg.pipeline_model_parallel_size * math.lcm(dense, cfg.expert_model_parallel_size)
+    experts = cfg.expert_tensor_parallel_size * cfg.expert_model_parallel_size
+    return cfg.pipeline_model_parallel_size * math.lcm(dense, experts)
+
+
+def data_parallel_size(cfg: TrainConfig, world: int) -> int:
+    """Megatron's data-parallel size of the dense layers: world / (tp·cp·pp)."""
+    return world // (cfg.tensor_model_parallel_size * cfg.context_parallel_size * cfg.pipeline_model_parallel_size)
 
 
 def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None, quiet: bool = False) -> list:
@@ -30,7 +36,7 @@ def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = 
     from vespo_megatron.train.trainer import Trainer
 
     trainer = Trainer(cfg, mcore_checkpoint)
-    logger = MetricsLogger(cfg.log_dir, cfg.wandb_project, dataclasses.asdict(cfg)) if rank == 0 else None
+    logger = MetricsLogger(cfg.tensorboard_dir, cfg.wandb_project, dataclasses.asdict(cfg)) if rank == 0 else None
     history = []
     bar = tqdm(total=cfg.train_iters, initial=trainer.iteration, desc="train", disable=rank != 0 or quiet,
                dynamic_ncols=True)
@@ -43,8 +49,10 @@ def train_worker(rank: int, cfg: TrainConfig, mcore_checkpoint: Optional[str] = 
                     logger.log(result.iteration, result.metrics)
                     bar.update(1)
                     bar.set_postfix(reward=f"{result.metrics['reward_mean']:.3f}",
-                                    loss=f"{result.metrics['loss']:.4f}")
-                    if not quiet:
+                                    loss=f"{result.metrics['loss']:.4f}",
+                                    step_s=f"{result.metrics['timing/step']:.2f}",
+                                    tok_s=f"{result.metrics['throughput/tokens_per_s']:.0f}")
+                    if not quiet and (result.iteration + 1) % cfg.log_interval == 0:
                         log.info(MetricsLogger.line(result.iteration, result.metrics))
                 if cfg.save and cfg.save_interval and trainer.iteration % cfg.save_interval == 0:
                     trainer.save()
@@ -70,7 +78,11 @@ def preflight(cfg: TrainConfig, world_size: Optional[int] = None, mcore_checkpoi
         check.mcore_checkpoint(mcore_checkpoint, "--mcore-checkpoint")
     world = world_size or default_world_size(cfg)
     if world % default_world_size(cfg):
-        raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp·cp, ep) = {default_world_size(cfg)}")
+        raise UsageError("--nproc", f"{world} is not a multiple of pp·lcm(tp·cp, etp·ep) = {default_world_size(cfg)}")
+    dp = data_parallel_size(cfg, world)
+    if cfg.samples_per_optimizer_step % dp:
+        raise UsageError("--global-batch-size", f"{cfg.samples_per_optimizer_step} samples per optimizer step do not "
+                         f"split over {dp} data-parallel ranks (world {world} / (tp·cp·pp))")
     for url in cfg.sglang_url or []:
         check.reachable(url)
     cfg.validate()

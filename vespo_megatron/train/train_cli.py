@@ -5,7 +5,7 @@ import argparse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from vespo_megatron.train.config import add_train_args
+    from vespo_megatron.train.flags import add_train_args
 
     parser = subparsers.add_parser(
         "train", help="VESPO (or a baseline) RL training of an MoE model with routing replay",
@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vespo_megatron.train.config import config_from_args
+    from vespo_megatron.train.flags import config_from_args
     from vespo_megatron.train.run import run_training
 
     cfg = config_from_args(args)

@@ -30,24 +30,25 @@ from safetensors import safe_open
 from vespo_megatron.convert.inmemory import hf_to_mcore_tensors, mcore_to_hf_tensors
 from vespo_megatron.convert.spec import model_spec
 from vespo_megatron.hf_config import load_hf_config, num_experts
-from vespo_megatron.megatron.batch import MicroBatch, micro_batch
+from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.checkpointing import load_model
 from vespo_megatron.megatron.loss import REGULARIZER_METRICS, LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
+from vespo_megatron.megatron.schedule import current_lr, lr_scheduler
 from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
-from vespo_megatron.packing import pack
 from vespo_megatron.routing.replay import RoutingReplay
 from vespo_megatron.routing.trace import TraceSpec
 from vespo_megatron.train import checkpoint
 from vespo_megatron.train.config import TrainConfig
-from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, local_routing, plan_shares
+from vespo_megatron.train.delivery import BatchDelivery, MiniShare, RankPlace, build_micro_batches, plan_shares
 from vespo_megatron.train.inputs import RunInputs, build_inputs
 from vespo_megatron.train.reference import Reference
 from vespo_megatron.train.rollouts import AsyncRollouts, RolloutBatch, SyncRollouts, make_producer
+from vespo_megatron.train.timing import StepTimer
 
 
 EVAL_SEED_OFFSET = 7_919  # evaluation samples with seeds apart from the training rollouts
@@ -84,10 +85,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, mcore_checkpoint: Optional[str] = None) -> None:
         self.cfg = cfg.validate()
         init_parallel(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
-                      ep=cfg.expert_model_parallel_size, cp=cfg.context_parallel_size, etp=1, seed=cfg.seed)
+                      ep=cfg.expert_model_parallel_size, cp=cfg.context_parallel_size,
+                      etp=cfg.expert_tensor_parallel_size, seed=cfg.seed)
         self.hf = load_hf_config(cfg.hf_checkpoint)
         self.spec = model_spec(self.hf)
-        self.model = build_model(self.hf, dtype=torch.float32)
+        self.model = build_model(self.hf, dtype=torch.float32, **cfg.model_options())
         if mcore_checkpoint:
             load_model(self.model, mcore_checkpoint, what="--mcore-checkpoint")
         else:
@@ -111,6 +113,11 @@ class Trainer:
             meta = checkpoint.load(cfg.load, self.model, self.optimizer, self.hf)
             self.iteration, self.version = meta["iteration"], meta["version"]
             self.data_state = meta.get("data")
+        # Megatron-Core's scheduler, at the optimizer steps already taken (N per completed RL step)
+        self.scheduler = lr_scheduler(self.optimizer, lr=cfg.lr, min_lr=cfg.min_lr, decay_style=cfg.lr_decay_style,
+                                      warmup_iters=cfg.lr_warmup_iters,
+                                      decay_iters=cfg.lr_decay_iters or cfg.total_optimizer_steps,
+                                      weight_decay=cfg.weight_decay, start=self.version * cfg.num_mini_batches)
         self.rank = dist.get_rank()
         r = ranks()
         columns = tuple(self.replay.layer_columns) if self.replay is not None else ()
@@ -150,66 +157,78 @@ class Trainer:
                                         lengths).numpy()
         samples = batch.samples(advantages)
         trace = batch.routing_trace(self.trace_spec) if cfg.routing_replay == "r3" else None
-        return [plan_shares(samples, trace, cfg.num_mini_batches, r.dp, r.tp, cfg.micro_batch_size, place, cp=r.cp)
-                for place in self.delivery.places]
+        max_tokens = cfg.max_tokens_per_gpu if cfg.use_dynamic_batch_size else None
+        try:
+            return [plan_shares(samples, trace, cfg.num_mini_batches, r.dp, r.tp, cfg.micro_batch_size, place,
+                                cp=r.cp, max_tokens=max_tokens) for place in self.delivery.places]
+        except ValueError as err:
+            if max_tokens is None:
+                raise
+            raise RuntimeError(f"iteration {self.iteration}: --max-tokens-per-gpu {max_tokens}: {err}") from err
 
     def _mini_batches(self, minis: list[MiniShare]) -> list[list[MicroBatch]]:
         """This rank's share -> its micro-batches of each mini-batch (packed here, routing slice attached)."""
         r = ranks()
-        out = []
-        for mini in minis:
-            mbs = []
-            for micro in mini.micros:
-                packed = pack(micro.samples, cp=r.cp, sp=r.tp)
-                mb = micro_batch(packed, r.cp_rank, r.tp_rank)
-                mb.global_tokens, mb.global_seqs = mini.global_tokens, mini.global_seqs
-                if micro.routing is not None:  # this rank's CP/SP slice of its stage's MoE layers; pads route live
-                    mb.routing = local_routing(micro.routing, micro.samples, packed, r.cp_rank, r.tp_rank,
-                                               self.replay.layer_columns, self.trace_spec.num_experts)
-                mbs.append(mb)
-            out.append(mbs)
-        return out
-
-    def _lr(self) -> float:
-        warm = self.cfg.lr_warmup_steps
-        return self.cfg.lr * min(1.0, (self.version + 1) / warm) if warm else self.cfg.lr
+        columns = self.replay.layer_columns if self.replay is not None else ()
+        return [build_micro_batches(mini, r.cp, r.cp_rank, r.tp, r.tp_rank, columns, self.trace_spec.num_experts)
+                for mini in minis]
 
     def step(self) -> StepResult:
+        """One RL step; every stage timed on rank 0 (train/timing.py)."""
         cfg, it = self.cfg, self.iteration
-        self.ensure_engines()
-        batch = self.source.get(it, self.version) if self.rank == 0 else None
-        minis = self._mini_batches(self.delivery.scatter(self._shares(batch) if self.rank == 0 else None))
-        flat = [mb for mbs in minis for mb in mbs]
-        if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
-            with self._phase("old_logprob", flat):
-                olds = old_log_probs(self.ddp, flat, temperature=cfg.temperature)
-            for mb, old in zip(flat, olds):
-                mb.old_log_prob = old
-        if self.reference is not None:  # log π_ref next to π_old, with the routing of that pass
-            self.reference.attach(flat, temperature=cfg.temperature)
+        timer = StepTimer()
+        with timer.stage("step"):
+            self.ensure_engines()
+            with timer.stage("rollout"):
+                batch = self.source.get(it, self.version) if self.rank == 0 else None
+            if batch is not None:  # scored in the producer (sync: inside the wait, so moved out of "rollout")
+                timer.add("rollout", 0.0 if cfg.async_rollout else -batch.reward_seconds)
+                timer.add("reward", batch.reward_seconds)
+            with timer.stage("pack"):
+                minis = self._mini_batches(self.delivery.scatter(self._shares(batch) if self.rank == 0 else None))
+            flat = [mb for mbs in minis for mb in mbs]
+            if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
+                with timer.stage("old_logp"), self._phase("old_logprob", flat):
+                    olds = old_log_probs(self.ddp, flat, temperature=cfg.temperature)
+                for mb, old in zip(flat, olds):
+                    mb.old_log_prob = old
+            if self.reference is not None:  # log π_ref next to π_old, with the routing of that pass
+                with timer.stage("old_logp"):
+                    self.reference.attach(flat, temperature=cfg.temperature)
+            with timer.stage("update"):
+                metrics, grad_norms, lr = self._update(minis)
+            self.version += 1
+            self.iteration += 1
+            if batch is not None:  # rank 0 holds the batch and the prompt order
+                self.data_state = batch.data_state
+            with timer.stage("weight_sync"):
+                self.sync_weights()
+        out = self._reduce_metrics(batch, metrics, grad_norms)
+        out["lr"] = lr
+        if batch is not None:
+            out.update(timer.metrics(tokens=sum(len(r.prompt_ids) + len(r.response_ids) for r in batch.records),
+                                     samples=len(batch.records)))
+        if self.rank == 0 and cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.inputs.eval_sets:
+            out.update(self.evaluate())
+        return StepResult(it, out)
+
+    def _update(self, minis: list[list[MicroBatch]]) -> tuple[list[dict], list[float], float]:
+        """The N optimizer steps of a step (one per mini-batch), the lr schedule stepping after each (Megatron-LM's
+        order: step k uses the lr of k steps taken). Returns the micro-batch metrics, the grad norms and the last lr."""
         metrics: list[dict] = []
-        grad_norms = []
-        offset = 0
+        grad_norms, lr, offset = [], current_lr(self.optimizer), 0
         for mbs in minis:
             zero_grads(self.ddp)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
+            lr = current_lr(self.optimizer)
             with self._phase("update", mbs, offset):
                 metrics += forward_backward(self.ddp, mbs, self.settings)
             ok, grad_norm, _ = self.optimizer.step()
             if not ok:
-                raise RuntimeError(f"iteration {it}: optimizer step failed (non-finite gradients)")
+                raise RuntimeError(f"iteration {self.iteration}: optimizer step failed (non-finite gradients)")
+            self.scheduler.step(1)
             grad_norms.append(float(grad_norm))
             offset += len(mbs)
-        self.version += 1
-        self.iteration += 1
-        if batch is not None:  # rank 0 holds the batch and the prompt order
-            self.data_state = batch.data_state
-        self.sync_weights()
-        out = self._reduce_metrics(batch, metrics, grad_norms)
-        if self.rank == 0 and cfg.eval_interval and self.iteration % cfg.eval_interval == 0 and self.inputs.eval_sets:
-            out.update(self.evaluate())
-        return StepResult(it, out)
+        return metrics, grad_norms, lr
 
     def evaluate(self) -> dict[str, float]:
         """Every eval set against the engine, which holds the weights of the current version (rank 0)."""
@@ -248,7 +267,6 @@ class Trainer:
                if rows and key in rows[0]},
             "entropy": sum(m["entropy_sum"] for m in rows) / max(tokens, 1.0),
             "grad_norm": float(np.mean(grad_norms)),
-            "lr": self._lr(),
         }
         if batch is not None:
             out.update(reward_mean=float(np.mean(batch.rewards)),
