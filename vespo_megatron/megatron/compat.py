@@ -382,7 +382,8 @@ SHIMS: tuple[Shim, ...] = (
         "grad-norm-in-grad-dtype", True,
         ("megatron.core.utils:local_multi_tensor_l2_norm",
          "megatron.core.optimizer.clip_grads:get_grad_norm_fp32"),
-        {"==0.16.*": "0", "==0.17.*": "0", "==0.18.*": "0", "==0.19.*": "0"},
+        {"==0.16.*": "50c72014a8c15f34", "==0.17.*": "57e778a1b3e2dc52",
+         "==0.18.*": "e816d110570a2b96", "==0.19.*": "58725eabc1c17725"},
         _l2_norm_in_grad_dtype,
     ),
     Shim(
@@ -390,7 +391,8 @@ SHIMS: tuple[Shim, ...] = (
         ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
          "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
          "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict"),
-        {"==0.16.*": "0", "==0.17.*": "0", "==0.18.*": "0", "==0.19.*": "0"},
+        {"==0.16.*": "513183198e95109b", "==0.17.*": "513183198e95109b",
+         "==0.18.*": "ac4fb66815a3e1ce", "==0.19.*": "82ed20c8e0604fb5"},
         _torch_adam_state,
     ),
     Shim(  # fixed upstream in 0.17.0: moe_utils defines te_general_gemm = None without Transformer Engine
