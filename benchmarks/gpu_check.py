@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --device cpu    # dry run: both sides on the CPU (checks the script itself)
 
 Each side runs in a subprocess of its own (the CPU side with CUDA hidden, so it takes the CPU path: gloo and the CPU
-shims), one rank, the tiny Qwen3-MoE model with the same seeded weights and the same 8 packed samples:
+shims, and first: it draws the weights), one rank, the tiny Qwen3-MoE model with the same weights and 8 packed samples:
   loss path    old log-probs [t] and one forward-backward of the VESPO loss (fp32): max |Δ logp|, |Δ loss|
   r3 replay    the forward under R3 replay of the model's own live routing: max |Δ logp| to the live forward
                on the same side (0 expected: same experts) and to the other side
@@ -48,8 +48,9 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def side(small: bool) -> dict:
-    """Every check on this process's device (cuda if visible, else cpu); plain floats and lists."""
+def side(small: bool, weights_file: str) -> dict:
+    """Every check on this process's device (cuda if visible, else cpu); plain floats and lists. The weights come from
+    ``weights_file``, written there by the first side to run (the CPU side: CUDA initialisation draws other numbers)."""
     import torch
 
     from tests.distributed.optimizer_cases import ADAM, main_param_dtypes
@@ -72,7 +73,9 @@ def side(small: bool) -> dict:
     init_parallel()
     out: dict = {"device": str(local_device())}
     hf = tiny_hf_config("qwen3_moe")
-    weights = {k: v.cpu() for k, v in initial_weights(hf, torch.float32).items()}
+    if os.path.getsize(weights_file) == 0:
+        torch.save({k: v.cpu() for k, v in initial_weights(hf, torch.float32).items()}, weights_file)
+    weights = torch.load(weights_file)
     samples = make_samples(8)
     settings = LossSettings(name="vespo", old_from_rollout=True)
 
@@ -166,12 +169,12 @@ def side(small: bool) -> dict:
     return out
 
 
-def _run_side(device: str, small: bool) -> dict:
+def _run_side(device: str, small: bool, weights_file: str) -> dict:
     env = dict(os.environ)
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, "--side", f.name] + (["--small"] if small else [])
+        cmd = [sys.executable, __file__, "--side", f.name, "--weights", weights_file] + (["--small"] if small else [])
         subprocess.run(cmd, check=True, env=env)
         with open(f.name) as fh:
             return json.load(fh)
@@ -185,15 +188,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: dry run, both sides on CPU")
     parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--small", action="store_true", help="small timing sizes (the CPU dry run)")
     args = parser.parse_args()
     if args.side:
-        result = side(args.small)
+        result = side(args.small, args.weights)
         with open(args.side, "w") as fh:
             json.dump(result, fh)
         return
     small = args.device == "cpu"
-    dev, cpu = _run_side(args.device, small), _run_side("cpu", True)
+    with tempfile.NamedTemporaryFile(suffix=".pt") as weights:  # empty: the CPU side (first) writes the weights
+        cpu = _run_side("cpu", True, weights.name)
+        dev = _run_side(args.device, small, weights.name)
     rows = [
         ("loss path: max|Δ logp|", _max_diff(dev["logp"], cpu["logp"]), FP32_BOUND),
         ("loss path: |Δ loss|", abs(dev["loss"] - cpu["loss"]), FP32_BOUND),
