@@ -297,7 +297,8 @@ def _torch_adam_state() -> None:
                 for param in group["params"]:
                     self.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
-    for fn, upstream in ((sharded_state_dict, sharded_state_dict_upstream), (load_state_dict, load_state_dict_upstream)):
+    for fn, upstream in ((sharded_state_dict, sharded_state_dict_upstream),
+                         (load_state_dict, load_state_dict_upstream)):
         fn._vespo_cpu = True
         fn.__wrapped__ = upstream
         setattr(cls, fn.__name__, fn)
