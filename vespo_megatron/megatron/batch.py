@@ -8,7 +8,10 @@ those of token p+1 of its sequence. Routing rows stay by input token (row p = th
 
 Shapes: t local slots, S sequences. tokens/position_ids/labels/seq_ids [t] int64; loss_mask/advantages [t] float;
 rollout_log_prob [t] (0 where invalid) with rollout_valid [t] bool; old_log_prob / ref_log_prob [t] (set by
-the old-log-prob and reference passes); seq_advantages [S]; routing [t/sp, L, K].
+the old-log-prob and reference passes); seq_advantages [S]; cu_seqlens[_padded] [S+1] int32 (Transformer
+Engine's dtype); routing [t/sp, L, K]. Every tensor lives on this rank's device (``device.local_device``: the
+current CUDA device, or the CPU); routing stays a host array (the replay hands it to each router on the
+router's device).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from vespo_megatron.megatron.device import to_local
 from vespo_megatron.packing.batch import PackedBatch
 
 
@@ -31,7 +35,7 @@ class MicroBatch:
     seq_ids: torch.Tensor
     advantages: torch.Tensor
     seq_advantages: torch.Tensor
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor  # [S+1] (+1 tail-pad segment), as packed_seq_params hands them to attention
     cu_seqlens_padded: torch.Tensor
     max_seqlen: int
     cp: int = 1
@@ -50,12 +54,8 @@ class MicroBatch:
         return int(self.seq_advantages.numel())
 
     def packed_seq_params(self) -> PackedSeqParams:
-        """THD parameters; the micro-batch tail pad (if any) is an extra all-padding segment."""
+        """THD parameters (the micro-batch tail pad, if any, is already an extra all-padding segment)."""
         cu, cu_pad = self.cu_seqlens, self.cu_seqlens_padded
-        total = self.tokens.numel() * self.cp
-        if total > int(cu_pad[-1]):
-            cu = torch.cat([cu, cu[-1:]])
-            cu_pad = torch.cat([cu_pad, cu_pad.new_tensor([total])])
         return PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu,
@@ -84,6 +84,11 @@ def _next_slot(batch: PackedBatch) -> np.ndarray:
     return np.where(has_next, slot_of[np.where(has_next, stream + 1, n_stream)], -1)
 
 
+def _tensor(array: np.ndarray, dtype: type) -> torch.Tensor:
+    """A copy of ``array`` as ``dtype`` on this rank's device (one host-to-device copy on CUDA)."""
+    return to_local(torch.from_numpy(np.array(array, dtype=dtype)))
+
+
 def micro_batch(batch: PackedBatch, cp_rank: int = 0, sp_rank: int = 0) -> MicroBatch:
     """The label-aligned tensors of CP rank ``cp_rank`` (routing rows of SP rank ``sp_rank``)."""
     nxt = _next_slot(batch)[cp_rank]
@@ -100,18 +105,22 @@ def micro_batch(batch: PackedBatch, cp_rank: int = 0, sp_rank: int = 0) -> Micro
     shard = batch.shard(cp_rank, sp_rank)
     rollout = valid = None
     if batch.rollout_logprobs is not None:
-        rollout = torch.from_numpy(label_view(batch.rollout_logprobs, 0.0).astype(np.float64))
-        valid = torch.from_numpy(label_view(batch.rollout_logprob_valid, False))
+        rollout = _tensor(label_view(batch.rollout_logprobs, 0.0), np.float64)
+        valid = _tensor(label_view(batch.rollout_logprob_valid, False), np.bool_)
+    cu, cu_pad = batch.cu_seqlens, batch.cu_seqlens_padded
+    total = batch.tokens.shape[1] * batch.cp
+    if total > int(cu_pad[-1]):  # the micro-batch tail pad: an extra all-padding segment (host side, no sync)
+        cu, cu_pad = np.append(cu, cu[-1]), np.append(cu_pad, total)
     return MicroBatch(
-        tokens=torch.from_numpy(batch.tokens[cp_rank].copy()),
-        position_ids=torch.from_numpy(batch.position_ids[cp_rank].copy()),
-        labels=torch.from_numpy(label_view(batch.tokens, 0).astype(np.int64)),
-        loss_mask=torch.from_numpy(loss_mask),
-        seq_ids=torch.from_numpy(seq_ids.astype(np.int64)),
-        advantages=torch.from_numpy(np.where(loss_mask > 0, adv_seq[seq_ids], 0.0)),
-        seq_advantages=torch.from_numpy(np.asarray(adv_seq, np.float64).copy()),
-        cu_seqlens=torch.from_numpy(batch.cu_seqlens.copy()),
-        cu_seqlens_padded=torch.from_numpy(batch.cu_seqlens_padded.copy()),
+        tokens=_tensor(batch.tokens[cp_rank], np.int64),
+        position_ids=_tensor(batch.position_ids[cp_rank], np.int64),
+        labels=_tensor(label_view(batch.tokens, 0), np.int64),
+        loss_mask=_tensor(loss_mask, np.float64),
+        seq_ids=_tensor(seq_ids, np.int64),
+        advantages=_tensor(np.where(loss_mask > 0, adv_seq[seq_ids], 0.0), np.float64),
+        seq_advantages=_tensor(adv_seq, np.float64),
+        cu_seqlens=_tensor(cu, np.int32),
+        cu_seqlens_padded=_tensor(cu_pad, np.int32),
         max_seqlen=batch.max_seqlen,
         cp=batch.cp,
         rollout_log_prob=rollout,

@@ -23,6 +23,8 @@ import torch
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+from vespo_megatron.megatron.device import use_cpu
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ">=0.16,<0.20"  # the megatron-core releases this project is built and tested against (setup.py)
@@ -144,11 +146,28 @@ def _patch_rng_tracker() -> None:
     random._set_cuda_rng_state = set_state
 
 
+# Megatron's optimizers sort parameters by ``param.type()`` names that only CUDA tensors have; on CPU, inside the
+# wrapped calls, a tensor answers the CUDA name of its dtype. fp64 (the exactness tests' precision) answers as the
+# full-precision kind, torch.cuda.FloatTensor: its main params are the params themselves, as for fp32, and
+# ``.float()`` leaves an fp64 tensor as it is (as it leaves an fp32 one).
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float64: "torch.cuda.FloatTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float16: "torch.cuda.HalfTensor",
+}
+
+
 class CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites ``device="cuda"`` literals and ``.cuda()`` calls to CPU inside megatron's schedules."""
+    """Rewrites ``device="cuda"`` literals and ``.cuda()`` calls to CPU inside megatron's schedules and optimizers;
+    ``tensor.type()`` answers the CUDA type name of the tensor's dtype, ``.float()`` keeps fp64."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and args[0].dtype in _CUDA_TYPE_NAMES:
+            return _CUDA_TYPE_NAMES[args[0].dtype]
+        if func is torch.Tensor.float and len(args) == 1 and not kwargs and args[0].dtype == torch.float64:
+            return args[0]
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs["device"] = "cpu"
@@ -222,6 +241,67 @@ def _clip_grads_on_cpu() -> None:
     clip_grad_by_total_norm_fp32.__wrapped__ = original
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
     optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def _l2_norm_in_grad_dtype() -> None:
+    """Without apex / Transformer Engine the grad norm is ``local_multi_tensor_l2_norm``, rounded to fp32; on CPU it
+    keeps the grads' dtype, so an fp64 run's clipping (and the distributed optimizer's per-shard norms summed over
+    ranks) are exact to fp64. Returns the norm as a [1] tensor, as upstream."""
+    from megatron.core.optimizer import clip_grads
+
+    original = clip_grads.l2_norm_impl
+    if getattr(original, "_vespo_cpu", False) or getattr(original, "__name__", "") != "local_multi_tensor_l2_norm":
+        return
+
+    def local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [torch.linalg.vector_norm(t) for tensors in tensor_lists for t in tensors]
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms])).reshape(1), None
+
+    local_multi_tensor_l2_norm._vespo_cpu = True
+    local_multi_tensor_l2_norm.__wrapped__ = original
+    clip_grads.l2_norm_impl = local_multi_tensor_l2_norm
+
+
+def _torch_adam_state() -> None:
+    """Without apex / Transformer Engine the distributed optimizer wraps torch's Adam, whose per-param ``step``
+    tensor ``DistributedOptimizer.state_dict`` / ``load_state_dict`` handle: (1) an optimizer that has not stepped yet
+    (a run resuming from a checkpoint) has no ``step`` and ``state_dict`` asserts, so before its sharded state dict is
+    requested for loading its Adam state is allocated (zeros of each main param's dtype, step 0; the checkpoint then
+    overwrites it); (2) ``load_state_dict`` gives every param the SAME step tensor (which torch's Adam would increment
+    once per param and step) and the param-state copy then writes the template's step into it; after loading, each
+    param gets its own tensor holding the checkpoint's step (saved in every param group)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    cls = distrib_optimizer.DistributedOptimizer
+    if getattr(cls.sharded_state_dict, "_vespo_cpu", False):
+        return
+    sharded_state_dict_upstream, load_state_dict_upstream = cls.sharded_state_dict, cls.load_state_dict
+
+    def torch_adam(optimizer) -> bool:
+        return not distrib_optimizer.HAVE_APEX_OR_TE and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading: bool = False, *args, **kwargs):
+        inner = self.optimizer
+        if is_loading and torch_adam(inner) and not inner.state:
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    inner.state[param] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+        return sharded_state_dict_upstream(self, model_sharded_state_dict or {}, is_loading, *args, **kwargs)
+
+    def load_state_dict(self, state_dict) -> None:
+        load_state_dict_upstream(self, state_dict)
+        if torch_adam(self.optimizer):  # the checkpoint's step (saved in every param group) in a tensor per param
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    self.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
+
+    for fn, upstream in ((sharded_state_dict, sharded_state_dict_upstream),
+                         (load_state_dict, load_state_dict_upstream)):
+        fn._vespo_cpu = True
+        fn.__wrapped__ = upstream
+        setattr(cls, fn.__name__, fn)
 
 
 _SCHEDULES = (
@@ -299,6 +379,23 @@ SHIMS: tuple[Shim, ...] = (
          "==0.18.*": "763d11c8cf6ded5d", "==0.19.*": "34a77e5b5be15bd7"},
         _wrap_optimizers,
     ),
+    Shim(
+        "grad-norm-in-grad-dtype", True,
+        ("megatron.core.utils:local_multi_tensor_l2_norm",
+         "megatron.core.optimizer.clip_grads:get_grad_norm_fp32"),
+        {"==0.16.*": "50c72014a8c15f34", "==0.17.*": "57e778a1b3e2dc52",
+         "==0.18.*": "e816d110570a2b96", "==0.19.*": "58725eabc1c17725"},
+        _l2_norm_in_grad_dtype,
+    ),
+    Shim(
+        "distributed-optimizer-torch-adam-state", False,
+        ("megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.state_dict",
+         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.load_state_dict",
+         "megatron.core.optimizer.distrib_optimizer:DistributedOptimizer.sharded_state_dict"),
+        {"==0.16.*": "513183198e95109b", "==0.17.*": "513183198e95109b",
+         "==0.18.*": "ac4fb66815a3e1ce", "==0.19.*": "82ed20c8e0604fb5"},
+        _torch_adam_state,
+    ),
     Shim(  # fixed upstream in 0.17.0: moe_utils defines te_general_gemm = None without Transformer Engine
         "te-general-gemm-undefined", False,
         ("megatron.core.transformer.moe.moe_utils:RouterGatingLinearFunction.forward",),
@@ -321,7 +418,7 @@ def install() -> list[str]:
     """Apply every shim that matches this machine and megatron-core version; returns the names applied."""
     if _installed:
         return list(_installed)
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = use_cpu()
     version = megatron_version()
     if version not in SpecifierSet(SUPPORTED):
         logger.warning("megatron-core %s is outside the supported range %s: no shim is known for it", version,

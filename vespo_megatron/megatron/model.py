@@ -31,6 +31,7 @@ from transformers import PretrainedConfig
 
 from vespo_megatron import hf_config
 from vespo_megatron.hf_config import get as _get
+from vespo_megatron.megatron.device import use_cpu
 from vespo_megatron.megatron.layers import PackedDotProductAttention, TorchNorm
 
 FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
@@ -109,7 +110,7 @@ def transformer_config(
         context_parallel_size=parallel_state.get_context_parallel_world_size(),
         sequence_parallel=tp > 1,
         pipeline_dtype=dtype,
-        use_cpu_initialization=True,
+        use_cpu_initialization=use_cpu(),  # on CUDA the weights are created on torch.cuda.current_device()
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
@@ -193,7 +194,9 @@ def build_model(
     dispatcher: str = "alltoall",
     **config_overrides: Any,
 ) -> GPTModel:
-    """The GPTModel of this pipeline stage for ``hf`` (vocab padded to 128·TP, RoPE, tied embeddings as HF)."""
+    """The GPTModel of this pipeline stage for ``hf`` (vocab padded to 128·TP, RoPE, tied embeddings as HF), its
+    parameters in ``dtype`` on this rank's device (``device.local_device``); ``dtype=torch.bfloat16`` sets
+    ``config.bf16`` (``step.wrap_ddp`` then adds Megatron's Float16Module)."""
     config = transformer_config(
         hf, dtype=dtype, routing_replay=routing_replay, recompute=recompute, dispatcher=dispatcher, **config_overrides
     )

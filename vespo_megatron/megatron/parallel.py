@@ -24,23 +24,23 @@ from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from vespo_megatron import logs
 from vespo_megatron.megatron import compat
+from vespo_megatron.megatron.device import set_local_device, use_cpu
 
 
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "gloo" if use_cpu() else "nccl"
 
 
 def init_parallel(tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1, etp: int | None = None, seed: int = 1234) -> None:
     """Initialise torch.distributed (from the env:// variables) and Megatron's model-parallel groups and RNG."""
     compat.install()
+    set_local_device()
     if not dist.is_initialized():
         if "RANK" in os.environ:  # torchrun / srun: env:// rendezvous
             dist.init_process_group(backend())
         else:  # a plain single process: a private store, nothing written to the environment
             store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
             dist.init_process_group(backend(), store=store, rank=0, world_size=1)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     world = dist.get_world_size()
     if world % (tp * pp * cp) or (world // pp) % (ep * (etp or 1)):
         raise ValueError(f"world size {world} does not fit tp={tp} pp={pp} cp={cp} ep={ep} etp={etp}")
@@ -114,6 +114,7 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     logs.configure_from_env()
     try:
         compat.install()
+        set_local_device()
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
         dist.init_process_group(backend(), store=store, rank=rank, world_size=world_size)
         # plain pickle: tensors travel by value (torch's queue reductions share fds that die with this process)

@@ -1,10 +1,15 @@
 """One training step and the old-log-prob pass on a (DDP-wrapped) Megatron model.
 
 ``wrap_ddp`` wraps the model in Megatron's DistributedDataParallel (gradient buffers ``param.main_grad``,
-``finalize_model_grads`` for DP all-reduce, SP/q-k norm all-reduce over TP, tied embeddings over PP).
+``finalize_model_grads`` for DP all-reduce or, with the distributed optimizer, reduce-scatter; SP/q-k norm all-reduce
+over TP, tied embeddings over PP); a bf16 model (``config.bf16``) goes in Megatron's ``Float16Module`` first (bf16
+compute, fp32 logits out of the last stage, so log-probs, log-ratio sums and the VESPO kernel run in fp32) and its
+gradients are accumulated and reduced in fp32.
 ``forward_backward`` runs the micro-batches through ``get_forward_backward_func`` (any PP schedule) with the
 policy loss; ``old_log_probs`` runs them forward only and returns each micro-batch's per-slot log-probs [t] (last
-pipeline stage; None elsewhere). ``build_optimizer`` makes Megatron's optimizer over the DDP model.
+pipeline stage; None elsewhere). ``build_optimizer`` makes Megatron's optimizer over the DDP model: Adam over fp32
+main params and grads (bf16: ``Float16OptimizerWithFloat16Params``; ``use_distributed_optimizer``: Megatron's
+``DistributedOptimizer``, the main params and Adam state sharded over the data-parallel ranks).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from megatron.core import parallel_state
 from megatron.core import optimizer as megatron_optimizer
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 
 from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.loss import LossSettings, logprob_only, policy_loss
@@ -26,14 +32,31 @@ def _finalize_without_token_scaling(models: list, num_tokens: Optional[torch.Ten
     finalize_model_grads(models, None, **kwargs)
 
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
-    """Megatron DDP around ``model`` (no overlap, no distributed optimizer; grads in param.main_grad)."""
+def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as every forward pass sees it: in Megatron's ``Float16Module`` when ``model.config.bf16`` (bf16
+    inputs in, fp32 logits out of the last stage), else itself."""
+    return Float16Module(model.config, model) if model.config.bf16 else model
+
+
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+    """Megatron DDP around ``model`` (in ``Float16Module`` when ``model.config.bf16``; no overlap; grads in
+    param.main_grad, fp32 for a bf16 model).
+
+    Args:
+        model: the GPTModel of this stage (``build_model``).
+        use_distributed_optimizer: lay the grad buffers out for Megatron's DistributedOptimizer (reduce-scatter of
+            the grads, all-gather of the updated params); ``build_optimizer`` must then get the same flag.
+    Returns:
+        The DDP-wrapped model.
+    """
     config = model.config
     config.calculate_per_token_loss = True
+    module = mixed_precision(model)
     ddp = DistributedDataParallel(
         config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=False, overlap_grad_reduce=False),
-        module=model,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=config.bf16, overlap_grad_reduce=False,
+                                      use_distributed_optimizer=use_distributed_optimizer),
+        module=module,
     )
     config.finalize_model_grads_func = _finalize_without_token_scaling
     config.no_sync_func = ddp.no_sync
@@ -42,10 +65,17 @@ def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
 
 def build_optimizer(ddp: DistributedDataParallel, *, lr: float, weight_decay: float, adam_beta1: float,
                     adam_beta2: float, clip_grad: float) -> Any:
-    """Megatron's Adam (``get_megatron_optimizer``) over the DDP model's parameters, fp32 params."""
+    """Megatron's Adam (``get_megatron_optimizer``) over the DDP model's parameters.
+
+    Precision and sharding follow the model and ``wrap_ddp``: a bf16 model gets fp32 main params (Megatron's mixed
+    precision optimizer), the distributed optimizer is used when the DDP buffers were laid out for it. Main params
+    are fp32 (the model's own params for an fp32 or fp64 model, fp64 being the exactness tests' precision).
+    """
+    model_config = ddp.config
     config = megatron_optimizer.OptimizerConfig(
         optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
-        clip_grad=clip_grad, params_dtype=torch.float32)
+        clip_grad=clip_grad, params_dtype=model_config.params_dtype, bf16=model_config.bf16,
+        use_distributed_optimizer=ddp.ddp_config.use_distributed_optimizer)
     return megatron_optimizer.get_megatron_optimizer(config, [ddp])
 
 
@@ -74,9 +104,15 @@ def _run(
     )
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def vocab_size_of(model: torch.nn.Module) -> int:
-    module = getattr(model, "module", model)
-    return int(module.hf_config.vocab_size)
+    return int(unwrap(model).hf_config.vocab_size)
 
 
 def forward_backward(model: torch.nn.Module, micro_batches: Sequence[MicroBatch], settings: LossSettings) -> list[dict]:

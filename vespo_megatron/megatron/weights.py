@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
+from vespo_megatron.megatron.device import local_device
+
 
 def local_shards(model: torch.nn.Module) -> Iterator[ShardedTensor]:
     """Every ShardedTensor of the model (factories such as the SwiGLU fc1 split applied), in state-dict order."""
@@ -97,7 +99,7 @@ def iter_global(model: torch.nn.Module, dst: int = 0,
         if me != dst:
             yield key, None
             continue
-        full = torch.zeros(shape, dtype=dtype)
+        full = torch.zeros(shape, dtype=dtype, device=local_device())  # pieces travel as host objects
         for index, data in (piece for rank_pieces in gathered for piece in rank_pieces):
             full[index] = data.reshape(full[index].shape)
         yield key, full

@@ -1,14 +1,19 @@
-"""Training checkpoints: Megatron distributed checkpoint of the model, per-rank optimizer and RNG state, and the
-data position (the next iteration and policy version), so a resumed run reproduces the uninterrupted one.
+"""Training checkpoints: Megatron distributed checkpoints of the model and of the optimizer (sharded Adam state,
+resumable at another data-parallel size), every rank's RNG state and the data position (the next iteration and policy
+version), so a resumed run reproduces the uninterrupted one.
 
-Layout of ``<dir>/iter_<n>/``: ``model/`` (torch_dist), ``rank_<r>.pt`` (optimizer state, torch/numpy/python RNG),
-``meta.json`` (iteration, version, the model's HF architecture fields, the prompt source's position).
-``<dir>/latest`` names the newest iteration; it is written last, so an interrupted save is never picked up.
+Layout of ``<dir>/iter_<n>/``: ``model/`` and ``optimizer/`` (torch_dist), ``rng_<r>.pt`` (torch/numpy/python RNG of
+rank r), ``meta.json`` (iteration, version, world size, the model's HF architecture fields, the prompt source's
+position). A save is atomic: every rank writes into ``iter_<n>.partial/``, rank 0 renames it to ``iter_<n>`` once
+all ranks are done, then replaces ``<dir>/latest`` (written to a temporary file and renamed). A save killed at any
+point leaves ``latest`` naming the previous complete checkpoint.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vespo_megatron.megatron.checkpointing import load_model, save_model
+from vespo_megatron.megatron.checkpointing import load_model, load_optimizer, save_model, save_optimizer
 
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok")
@@ -30,33 +35,48 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save(root: str | Path, iteration: int, version: int, model: torch.nn.Module, optimizer: Any,
          hf_config: Any, data_state: dict[str, Any] | None = None) -> Path:
-    """Write ``root/iter_<iteration>`` on every rank, then point ``root/latest`` at it; ``data_state`` is the prompt
-    source's position after the last trained batch."""
-    path = Path(root) / f"iter_{iteration:07d}"
-    (path / "model").mkdir(parents=True, exist_ok=True)
+    """Write ``root/iter_<iteration>`` on every rank (collective), then point ``root/latest`` at it; ``data_state``
+    is the prompt source's position after the last trained batch."""
+    final = Path(root) / f"iter_{iteration:07d}"
+    partial = final.with_name(final.name + ".partial")
+    if _rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # the leftover of a killed save
+        (partial / "model").mkdir(parents=True)
+        (partial / "optimizer").mkdir()
     _barrier()
-    save_model(model, path / "model")
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "numpy_rng": np.random.get_state(),
-        "python_rng": random.getstate(),
-    }, path / f"rank_{_rank()}.pt")
+    save_model(model, partial / "model")
+    save_optimizer(optimizer, model, partial / "optimizer")
+    torch.save({"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate()}, partial / f"rng_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        meta = {"iteration": iteration, "version": version, "architecture": architecture(hf_config),
-                "data": data_state}
-        (path / "meta.json").write_text(json.dumps(meta, indent=1))
-        (Path(root) / "latest").write_text(path.name)
+        meta = {"iteration": iteration, "version": version, "world_size": _world(),
+                "architecture": architecture(hf_config), "data": data_state}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():  # a second save of the same iteration
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _replace_text(Path(root) / "latest", final.name)
     _barrier()
-    return path
+    return final
 
 
 def latest(root: str | Path) -> Path:
@@ -78,13 +98,16 @@ def check_compatible(root: str | Path, hf_config: Any) -> dict[str, Any]:
 
 
 def load(root: str | Path, model: torch.nn.Module, optimizer: Any, hf_config: Any) -> dict[str, Any]:
-    """Restore model, optimizer and RNG state in place; returns meta (iteration, version)."""
+    """Restore model, optimizer and RNG state in place (collective); returns meta (iteration, version).
+
+    The world size may differ from the saving run's (the optimizer state is resharded); rank r then takes the RNG
+    state of saved rank r mod the saved world size."""
     meta = check_compatible(root, hf_config)
     path = latest(root)
     load_model(model, path / "model", what="--load")
-    rank_state = torch.load(path / f"rank_{_rank()}.pt", weights_only=False)
-    optimizer.load_state_dict(rank_state["optimizer"])
-    torch.set_rng_state(rank_state["torch_rng"])
-    np.random.set_state(rank_state["numpy_rng"])
-    random.setstate(rank_state["python_rng"])
+    load_optimizer(optimizer, model, path / "optimizer", what="--load")
+    rng = torch.load(path / f"rng_{_rank() % meta['world_size']}.pt", weights_only=False)
+    torch.set_rng_state(rng["torch_rng"])
+    np.random.set_state(rng["numpy_rng"])
+    random.setstate(rng["python_rng"])
     return meta

@@ -4,11 +4,12 @@
 as for the policy), built only when kl_coef != 0: its weights come from ``--ref-load`` (a Megatron distributed
 checkpoint directory, as our converter writes, or a training ``--save`` directory, whose latest iteration is read),
 or by default from the policy's initial weights (copied before any ``--load`` resume, so a resumed run keeps the
-reference of its first step). It has no gradients, no DDP wrapper and no optimizer, and in bf16 runs holds bf16
-weights (the values the policy's bf16 model computes with at the start). Its log-probs log π_ref(y_t) [t] of each
-micro-batch are computed in the old-log-prob pass of every step, of logits / τ as π_old's, and with the routing of
-that pass: R3 replays the rollout engine's experts in π_ref as in π_old; otherwise (R2 records π_old's live routing,
-or no replay) π_ref routes live. With π_ref = the initial weights, the KL of the first update of step 0 is exactly 0.
+reference of its first step). It has no gradients, no DDP wrapper and no optimizer; it is built in the policy's
+dtype and, in bf16 runs, sits in Megatron's Float16Module as the policy does (bf16 weights, fp32 logits). Its
+log-probs log π_ref(y_t) [t] of each micro-batch are computed in the old-log-prob pass of every step, of logits / τ
+as π_old's, and with the routing of that pass: R3 replays the rollout engine's experts in π_ref as in π_old;
+otherwise (R2 records π_old's live routing, or no replay) π_ref routes live. With π_ref = the initial weights, the
+KL of the first update of step 0 is exactly 0.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from vespo_megatron import preflight
 from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.checkpointing import load_model
 from vespo_megatron.megatron.model import build_model
-from vespo_megatron.megatron.step import old_log_probs
+from vespo_megatron.megatron.step import mixed_precision, old_log_probs
 from vespo_megatron.routing.replay import RoutingReplay
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ class Reference:
 
     @classmethod
     def build(cls, hf, policy: torch.nn.Module, *, ref_load: Optional[str], routing_replay: str,
-              bf16: bool = False) -> "Reference":
+              model_options: Optional[dict] = None) -> "Reference":
         """π_ref for the policy ``policy``.
 
         Args:
@@ -46,26 +47,23 @@ class Reference:
                 loaded and not yet resumed.
             ref_load: ``--ref-load`` (loaded collectively on every rank), or None: a copy of ``policy``'s weights.
             routing_replay: ``--routing-replay``; "r3" gives π_ref its own replay of the engine's experts.
-            bf16: hold bf16 weights (``--bf16``).
+            model_options: the keyword arguments of ``build_model`` the policy was built with (TE spec, dispatcher,
+                recomputation); the dtype is the policy's.
 
         Returns:
             The frozen reference.
         """
-        model = build_model(hf, dtype=torch.float32)
+        while hasattr(policy, "module"):  # DDP / Float16Module wrappers: the GPTModel's own keys
+            policy = policy.module
+        model = build_model(hf, dtype=policy.config.params_dtype, **(model_options or {}))
         if ref_load:
             load_model(model, preflight.model_checkpoint_or_save(ref_load, "--ref-load"), what="--ref-load")
         else:
-            while hasattr(policy, "module"):  # DDP / Float16Module wrappers: the GPTModel's own keys
-                policy = policy.module
             model.load_state_dict(policy.state_dict())
-        if bf16:  # the values the policy's bf16 model computes with; the config as build_model(dtype=bf16) sets it
-            model = model.bfloat16()
-            model.config.params_dtype = model.config.pipeline_dtype = torch.bfloat16
-            model.config.bf16 = True
         model.requires_grad_(False)
         model.eval()
         logger.info("reference model π_ref from %s", ref_load or "the initial weights")
-        return cls(model, routing_replay)
+        return cls(mixed_precision(model), routing_replay)
 
     @torch.no_grad()
     def log_probs(self, micro_batches: Sequence[MicroBatch], temperature: float = 1.0) -> list[Optional[torch.Tensor]]:

@@ -32,6 +32,7 @@ from vespo_megatron.convert.spec import model_spec
 from vespo_megatron.hf_config import load_hf_config, num_experts
 from vespo_megatron.megatron.batch import MicroBatch
 from vespo_megatron.megatron.checkpointing import load_model
+from vespo_megatron.megatron.device import local_device
 from vespo_megatron.megatron.loss import REGULARIZER_METRICS, LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
@@ -89,14 +90,15 @@ class Trainer:
                       etp=cfg.expert_tensor_parallel_size, seed=cfg.seed)
         self.hf = load_hf_config(cfg.hf_checkpoint)
         self.spec = model_spec(self.hf)
-        self.model = build_model(self.hf, dtype=torch.float32, **cfg.model_options())
+        # --bf16: bf16 params in Megatron's Float16Module, fp32 main params in its optimizer (step.build_optimizer)
+        self.model = build_model(self.hf, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, **cfg.model_options())
         if mcore_checkpoint:
             load_model(self.model, mcore_checkpoint, what="--mcore-checkpoint")
         else:
             load_global(self.model, dict(hf_to_mcore_tensors(self.spec, _hf_tensors_getter(cfg.hf_checkpoint))))
         self.reference = (Reference.build(self.hf, self.model, ref_load=cfg.ref_load, routing_replay=cfg.routing_replay,
-                                          bf16=cfg.bf16) if cfg.kl_coef else None)  # π_ref: the initial weights
-        self.ddp = wrap_ddp(self.model)
+                                          model_options=cfg.model_options()) if cfg.kl_coef else None)
+        self.ddp = wrap_ddp(self.model, use_distributed_optimizer=cfg.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.ddp, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                          adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
@@ -354,7 +356,7 @@ class Trainer:
 
         Returns the stale engines' URLs (empty on ranks > 0 and when all are current)."""
         stale = [c.base_url for c in self.client.stale(f"v{self.version}")] if self.rank == 0 else []
-        flag = torch.tensor([len(stale)], dtype=torch.int64)
+        flag = torch.tensor([len(stale)], dtype=torch.int64, device=local_device())  # NCCL broadcasts device tensors
         dist.broadcast(flag, src=0)
         if int(flag):
             if self.rank == 0:
