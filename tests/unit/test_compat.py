@@ -10,6 +10,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from vespo_megatron.megatron import compat
+from vespo_megatron.megatron.optimizer_shims import CudaToCpuMode
 
 
 INSTALLED = compat.megatron_version()
@@ -88,7 +89,7 @@ def test_rng_tracker_runs_on_cpu_generator():
 
 
 def test_cuda_literals_become_cpu_inside_the_mode():
-    with compat.CudaToCpuMode():
+    with CudaToCpuMode():
         x = torch.zeros(2, device="cuda")
         assert x.device.type == "cpu"
         assert x.cuda() is x and x.to("cuda") is x
