@@ -41,12 +41,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--mini-prompts", type=int, default=2, help="prompts per mini-batch (fixed for every N)")
     p.add_argument("--samples", type=int, default=4, help="samples per prompt (one GRPO group)")
-    p.add_argument("--updates", type=int, default=128, help="optimizer updates per run (a multiple of every N)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--sft-steps", type=int, default=150, help="supervised warm-up steps of the starting model")
+    p.add_argument("--updates", type=int, default=64, help="optimizer updates per run (a multiple of every N)")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--sft-steps", type=int, default=1000, help="supervised warm-up steps of the starting model")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the starting model (shared by every run)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=32)
-    p.add_argument("--eval-every", type=int, default=64, help="updates between held-out evaluations")
+    p.add_argument("--eval-every", type=int, default=32, help="updates between held-out evaluations")
     p.add_argument("--collapse-margin", type=float, default=0.05)
     p.add_argument("--jobs", type=int, default=2, help="runs side by side")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vespo-experiments/reverse"))
@@ -63,7 +64,7 @@ def spec(args: argparse.Namespace, loss: str, n: int, mode: str, seed: int) -> d
                   max_new_tokens=args.max_new_tokens, lr=args.lr, train_iters=steps,
                   eval_interval=max(1, args.eval_every // n), n_samples_per_eval_prompt=2,
                   async_rollout=mode == "async", max_lag=args.max_lag)
-    return {"task": "reverse", "seed": seed, "sft_steps": args.sft_steps, "eval_prompts": args.eval_prompts,
+    return {"task": "reverse", "seed": seed, "init_seed": args.init_seed, "sft_steps": args.sft_steps, "eval_prompts": args.eval_prompts,
             "probe": False, "config": config}
 
 

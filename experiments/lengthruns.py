@@ -1,7 +1,8 @@
 """One training run of the reverse task (or a probed run of the repeat task), in its own process.
 
-A run is described by a spec {"task": "reverse" | "repeat", "seed", "sft_steps", "eval_prompts", "eval_samples",
-"probe": bool, "config": TrainConfig overrides}. It does what ``run_training`` does (preflight, the CPU rollout engine
+A run is described by a spec {"task": "reverse" | "repeat", "seed", "init_seed", "sft_steps", "eval_prompts",
+"probe": bool, "config": TrainConfig overrides}; ``seed`` seeds the run (prompts, sampling), ``init_seed`` (default:
+``seed``) the starting model. It does what ``run_training`` does (preflight, the CPU rollout engine
 behind the SGLang protocol, one spawned gloo rank) but the rank first installs, in its own process and without
 changing the library:
 
@@ -66,8 +67,8 @@ def reverse_checkpoint(root: Path, seed: int, sft_steps: int) -> Path:
 def prepare(spec: dict[str, Any], workdir: Path) -> str:
     """The HF checkpoint a spec starts from (made here, before any subprocess would race to write it)."""
     if spec["task"] == "reverse":
-        return str(reverse_checkpoint(workdir, spec["seed"], spec["sft_steps"]))
-    return str(make_checkpoint(workdir, spec["seed"]))
+        return str(reverse_checkpoint(workdir, spec.get("init_seed", spec["seed"]), spec["sft_steps"]))
+    return str(make_checkpoint(workdir, spec.get("init_seed", spec["seed"])))
 
 
 def _reverse_inputs(spec: dict[str, Any]):
