@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lengthruns import prepare
-from runs import command_line, mean_std, run_many, save_results
+from runs import command_line, load_cached, mean_std, run_many, save_results
 
 HERE = Path(__file__).resolve().parent
 PAPER = {"grpo": {4: 54.0, 16: 51.1, 64: 48.6}, "gspo": {4: 59.9, 16: 58.3, 64: 47.6},
@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vespo-experiments/reverse"))
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="length_staleness")
+    p.add_argument("--report-only", action="store_true", help="tables from the cached runs only; train nothing")
     return p.parse_args()
 
 
@@ -191,7 +192,8 @@ def main() -> int:
     keys = [(loss, n, mode, seed) for seed in args.seeds for mode in args.modes for n in sorted(args.n, reverse=True)
             for loss in args.losses]
     runs = {run_name(*key): spec(args, *key) for key in keys}
-    results = run_many(runs, args.workdir, args.jobs, script=HERE / "lengthruns.py", prepare=prepare)
+    results = (load_cached(runs, args.workdir) if args.report_only
+               else run_many(runs, args.workdir, args.jobs, script=HERE / "lengthruns.py", prepare=prepare))
     records = [record(results[run_name(*key)], *key, args.collapse_margin) for key in keys if run_name(*key) in results]
     command = command_line()
     text = markdown(records, args, command)

@@ -82,6 +82,11 @@ def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int, script: 
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
+    return load_cached(runs, workdir)
+
+
+def load_cached(runs: dict[str, dict[str, Any]], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The results of the runs already cached in ``workdir`` (made with the same overrides); runs nothing."""
     results = {name: _cached(workdir / f"{name}.json", overrides) for name, overrides in runs.items()}
     return {name: result for name, result in results.items() if result is not None}
 
