@@ -9,10 +9,11 @@ Modes: ``sync`` (μ = the trainer's recomputed π_old) and ``async`` (rollouts u
 μ = the bf16 engine's log-probs: staleness + engine mismatch).
 
 Per run (one record of the results JSON): final_reward = mean reward of the held-out eval set (``--eval-prompts``
-prompts × 2 samples, the run's sampling settings) after the last update; start_reward and length_first = mean reward
-and response length of the first step's rollouts (the policy before any update); length_last = the final eval's
-mean response length; entropy_last = the last step's token entropy; collapsed = final_reward below start_reward
-by more than ``--collapse-margin``; curves (eval reward / length by update, per-step train metrics).
+prompts × 2 samples, the run's sampling settings) after the last update; first_batch_reward and length_first = mean
+reward and response length of the first step's rollouts (the policy before any update; 8 sequences at N = 4);
+length_last = the final eval's mean response length; entropy_last = the last step's token entropy; collapsed =
+final_reward below the start model's held-out reward (8 samples per prompt, computed once) by more than
+``--collapse-margin``; curves (eval reward / length by update, per-step train metrics).
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python experiments/lengthgrid.py      # see experiments/README.md
 """
@@ -23,13 +24,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lengthruns import prepare
+from lengthruns import prepare, start_eval
 from runs import command_line, load_cached, mean_std, run_many, save_results
 
 HERE = Path(__file__).resolve().parent
 PAPER = {"grpo": {4: 54.0, 16: 51.1, 64: 48.6}, "gspo": {4: 59.9, 16: 58.3, 64: 47.6},
          "sapo": {4: 65.2, 16: 50.5, 64: 16.5}, "vespo": {4: 70.0, 16: 67.3, 64: 61.8}}
 EVAL = "eval/heldout/"
+START_SAMPLES = 8  # samples per held-out prompt for the start model's reward
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +50,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--eval-every", type=int, default=32, help="updates between held-out evaluations")
-    p.add_argument("--collapse-margin", type=float, default=0.05)
+    p.add_argument("--collapse-margin", type=float, default=0.15,
+                   help="collapsed: final reward below the start model's by more than this (about 3 standard errors)")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/vespo-experiments/reverse"))
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -65,7 +68,8 @@ def spec(args: argparse.Namespace, loss: str, n: int, mode: str, seed: int) -> d
                   max_new_tokens=args.max_new_tokens, lr=args.lr, train_iters=steps,
                   eval_interval=max(1, args.eval_every // n), n_samples_per_eval_prompt=2,
                   async_rollout=mode == "async", max_lag=args.max_lag)
-    return {"task": "reverse", "seed": seed, "init_seed": args.init_seed, "sft_steps": args.sft_steps, "eval_prompts": args.eval_prompts,
+    return {"task": "reverse", "seed": seed, "init_seed": args.init_seed, "sft_steps": args.sft_steps,
+            "eval_prompts": args.eval_prompts,
             "probe": False, "config": config}
 
 
@@ -73,19 +77,19 @@ def run_name(loss: str, n: int, mode: str, seed: int) -> str:
     return f"{loss}-N{n}-{mode}-seed{seed}"
 
 
-def record(result: dict[str, Any], loss: str, n: int, mode: str, seed: int, margin: float) -> dict[str, Any]:
-    """The run record of the results JSON."""
+def record(result: dict[str, Any], loss: str, n: int, mode: str, seed: int, start: float,
+           margin: float) -> dict[str, Any]:
+    """The run record of the results JSON (``start``: the start model's held-out reward)."""
     rows = result["rows"]
     evals = [(r["step"] + 1, r) for r in rows if EVAL + "mean_reward" in r]
     final = evals[-1][1]
-    start = rows[0]["reward_mean"]
     final_reward = final[EVAL + "mean_reward"]
     return {
         "loss": loss, "n": n, "mode": mode, "seed": seed, "final_reward": final_reward,
         "final_exact": final[EVAL + "pass@1"],
         "collapsed": bool(not math.isfinite(final_reward) or final_reward < start - margin),
         "entropy_last": rows[-1]["entropy"], "length_first": rows[0]["response_len_mean"],
-        "length_last": final[EVAL + "response_len"], "start_reward": start, "steps": len(rows),
+        "length_last": final[EVAL + "response_len"], "first_batch_reward": rows[0]["reward_mean"], "steps": len(rows),
         "updates": len(rows) * n, "wall_s": result["wall_s"],
         "curves": {"eval_update": [s * n for s, _ in evals],
                    "eval_reward": [round(r[EVAL + "mean_reward"], 5) for _, r in evals],
@@ -100,7 +104,7 @@ def _ms(values: list[float], spec_: str = ".3f") -> str:
     return f"{mean:{spec_}} ± {std:{spec_}}" if len(values) > 1 else f"{mean:{spec_}}"
 
 
-def markdown(records: list[dict], args: argparse.Namespace, command: str) -> str:
+def markdown(records: list[dict], args: argparse.Namespace, command: str, start: dict[str, float]) -> str:
     cells: dict[tuple, list[dict]] = {}
     for r in records:
         cells.setdefault((r["loss"], r["n"], r["mode"]), []).append(r)
@@ -112,17 +116,20 @@ def markdown(records: list[dict], args: argparse.Namespace, command: str) -> str
         f"{args.updates} optimizer updates (N = 4: {args.updates // 4} steps of 4 updates; N = 64: "
         f"{args.updates // 64} steps of 64); lr {args.lr}; warm-up {args.sft_steps} supervised steps; seeds "
         f"{args.seeds}; cells are mean ± std over seeds.", "",
-        f"final reward = held-out eval ({args.eval_prompts} prompts × 2 samples) after the last update; reward in "
-        "[0, 1.5] (1.0 = every position right, +0.5 exact with the stop token). drop = N=4 minus N=64.", "",
+        f"final reward = held-out eval ({args.eval_prompts} prompts × 2 samples, standard error about 0.05) after "
+        "the last update; reward in [0, 1.5] (1.0 = every position right, +0.5 exact with the stop token). The start "
+        f"model on the same prompts ({START_SAMPLES} samples each): reward {start['mean_reward']:.3f} ± "
+        f"{start['reward_se']:.3f} (s.e.), response length {start['response_len']:.1f} tokens. drop = N=4 minus "
+        f"N=64 (per seed, then mean ± std); collapsed = final reward below the start's by more than "
+        f"{args.collapse_margin}.", "",
     ]
     for mode in args.modes:
-        lines += [f"## {mode}: final reward", "", f"| loss | start | {head} | drop | collapsed runs |",
-                  "|---|---|" + "---|" * (len(args.n) + 2)]
+        lines += [f"## {mode}: final reward", "", f"| loss | {head} | drop | collapsed runs |",
+                  "|---|" + "---|" * (len(args.n) + 2)]
         for loss in args.losses:
             got = [cells.get((loss, n, mode), []) for n in args.n]
             if not any(got):
                 continue
-            start = [r["start_reward"] for g in got for r in g]
             vals = [_ms([r["final_reward"] for r in g]) if g else "–" for g in got]
             drop = "–"
             if got[0] and got[-1] and len(got[0]) == len(got[-1]):
@@ -130,7 +137,7 @@ def markdown(records: list[dict], args: argparse.Namespace, command: str) -> str
                             zip(sorted(got[0], key=lambda r: r["seed"]), sorted(got[-1], key=lambda r: r["seed"]))],
                            "+.3f")
             collapsed = " / ".join(f"{sum(r['collapsed'] for r in g)}/{len(g)}" for g in got)
-            lines.append(f"| {loss} | {_ms(start)} | " + " | ".join(vals) + f" | {drop} | {collapsed} |")
+            lines.append(f"| {loss} | " + " | ".join(vals) + f" | {drop} | {collapsed} |")
         lines += ["", f"## {mode}: response length (first step's rollouts → final eval; target mean 29 tokens "
                   "with the stop token) and last-step entropy", "",
                   f"| loss | {head} | entropy {' / '.join(map(str, args.n))} |", "|---|" + "---|" * (len(args.n) + 1)]
@@ -194,11 +201,15 @@ def main() -> int:
     runs = {run_name(*key): spec(args, *key) for key in keys}
     results = (load_cached(runs, args.workdir) if args.report_only
                else run_many(runs, args.workdir, args.jobs, script=HERE / "lengthruns.py", prepare=prepare))
-    records = [record(results[run_name(*key)], *key, args.collapse_margin) for key in keys if run_name(*key) in results]
+    start = start_eval(args.workdir, args.init_seed, args.sft_steps, args.eval_prompts, START_SAMPLES,
+                       args.max_new_tokens)
+    records = [record(results[run_name(*key)], *key, start["mean_reward"], args.collapse_margin) for key in keys
+               if run_name(*key) in results]
     command = command_line()
-    text = markdown(records, args, command)
+    text = markdown(records, args, command, start)
     print(text)
-    save_results(args.out, args.name, {"command": command, "records": records}, text, figure(records, args))
+    data = {"command": command, "start_model": start, "records": records}
+    save_results(args.out, args.name, data, text, figure(records, args))
     return 0 if len(results) == len(runs) else 1
 
 

@@ -71,6 +71,34 @@ def prepare(spec: dict[str, Any], workdir: Path) -> str:
     return str(make_checkpoint(workdir, spec.get("init_seed", spec["seed"])))
 
 
+def start_eval(workdir: Path, init_seed: int, sft_steps: int, eval_prompts: int, samples: int,
+               max_new_tokens: int) -> dict[str, float]:
+    """The start model on the held-out eval set ({"mean_reward", "response_len"}; ``samples`` per prompt, bf16 CPU
+    engine at temperature 1 as the runs sample); cached as JSON beside the checkpoint."""
+    name = f"start-eval-seed{init_seed}-sft{sft_steps}-p{eval_prompts}-n{samples}-t{max_new_tokens}.json"
+    cache = Path(workdir) / name
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import numpy as np
+
+    from vespo_megatron.rollout.hf_engine import HFEngine
+    from vespo_megatron.train.task import ReverseTask, reverse_prompts
+
+    engine = HFEngine.from_pretrained(str(reverse_checkpoint(workdir, init_seed, sft_steps)), dtype="bf16")
+    task = ReverseTask(vocab_size=VOCAB)
+    params = {"max_new_tokens": max_new_tokens, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+              "stop_token_ids": [task.eos]}
+    rewards, lengths = [], []
+    for prompt in reverse_prompts(task, seed=EVAL_SEED).take(eval_prompts):
+        for out in engine.generate([prompt.ids] * samples, params):
+            rewards.append(task.reward(prompt.ids, out["output_ids"]))
+            lengths.append(len(out["output_ids"]))
+    result = {"mean_reward": float(np.mean(rewards)), "response_len": float(np.mean(lengths)),
+              "reward_se": float(np.std(rewards, ddof=1) / np.sqrt(len(rewards)))}
+    cache.write_text(json.dumps(result))
+    return result
+
+
 def _reverse_inputs(spec: dict[str, Any]):
     """A replacement for the trainer's ``build_inputs``: the reverse task's prompts, reward and eval set."""
     from vespo_megatron.evaluation import EvalSet

@@ -9,7 +9,8 @@
   and (c1, c2) = (2, 3) for A_i ≥ 0, (3, 2) for A_i < 0. Then it asks autograd for ∂loss/∂logπ_θ and turns it into
   the weight the loss really applied to each token: w_t = −(∂loss/∂logπ_t) · G / A_i, with G the normaliser
   (global response tokens for token-mean; global sequences · T_i for seq-mean-token-mean). For VESPO w_t must equal
-  φ_i on every token of sequence i: the record keeps check_err = max_t |w_t − φ_i(t)| over the update's tokens. For GRPO/GSPO/SAPO w_t is the ratio (times the clip indicator) the loss applied.
+  φ_i on every token of sequence i: the record keeps check_err = max_t |w_t − φ_i(t)| over the update's
+  tokens. For GRPO/GSPO/SAPO w_t is the ratio (times the clip indicator) the loss applied.
 - the optimizer's ``step`` (one call per mini-batch): the gradient norm it returns (before clipping) and the norm of
   the parameter change ‖Δθ‖ of that update (what Adam actually did).
 
