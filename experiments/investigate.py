@@ -37,13 +37,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--losses", nargs="+", default=["vespo", "grpo", "gspo"])
     p.add_argument("--n", type=int, nargs="+", default=[4, 64])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", choices=["repeat", "reverse"], default="repeat",
+                   help="reverse: the cells of lengthgrid.py (its default settings, sync) instead")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/vespo-experiments/investigate"))
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="default /tmp/vespo-experiments/investigate (repeat) or the reverse grid's work directory")
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p.parse_args()
 
 
-def spec(loss: str, n: int, seed: int) -> dict[str, Any]:
+def spec(loss: str, n: int, seed: int, task: str = "repeat") -> dict[str, Any]:
+    if task == "reverse":
+        import lengthgrid
+
+        return {**lengthgrid.spec(lengthgrid.parse_args([]), loss, n, "sync", seed), "probe": True}
     config = dict(loss=loss, num_mini_batches=n, rollout_batch_size=16, n_samples_per_prompt=4, micro_batch_size=4,
                   max_new_tokens=6, lr=1e-3, train_iters=30)
     return {"task": "repeat", "seed": seed, "probe": True, "config": config}
@@ -74,14 +81,18 @@ def analyse(result: dict[str, Any], loss: str, n: int) -> dict[str, Any]:
                      "grad_norm": float(np.mean([u["grad_norm"] for u in sel])),
                      "delta_norm": float(np.mean([u["delta_norm"] for u in sel]))})
     out["by_k"] = rows
-    if vespo and n >= 64:  # one sequence per update: ‖Δθ‖ by φ of that sequence
-        pairs = [(u["phi"][0], u["delta_norm"], u["grad_norm"]) for u in updates if len(u["phi"]) == 1]
+    if vespo and n >= 64:  # ‖Δθ‖ by the mean φ of the update's sequences (one sequence per update on repeat)
+        pairs = [(float(np.mean(u["phi"])), u["delta_norm"], u["grad_norm"]) for u in updates if u["phi"]]
         bins = [(0, 1e-3), (1e-3, 0.1), (0.1, 0.5), (0.5, 10)]
         out["by_phi"] = [{"phi": f"[{lo:g}, {hi:g})", "updates": len(sel), "delta_norm": float(np.mean(sel[:, 1])),
                           "grad_norm": float(np.mean(sel[:, 2]))}
                          for lo, hi in bins for sel in [np.array([p for p in pairs if lo <= p[0] < hi]).reshape(-1, 3)]
                          if len(sel)]
-        out["corr_phi_delta"] = float(np.corrcoef([p[0] for p in pairs], [p[1] for p in pairs])[0, 1])
+        if len(pairs) > 1:
+            out["corr_phi_delta"] = float(np.corrcoef([p[0] for p in pairs], [p[1] for p in pairs])[0, 1])
+        signs = {"pos": lambda a: a > 0, "neg": lambda a: a < 0}
+        out["phi_by_sign"] = {key: float(np.mean([f for u in updates for f, a in zip(u["phi"], u["adv"]) if test(a)]
+                                                 or [0.0])) for key, test in signs.items()}
     zero_adv = [u for u in updates if not u["adv"]]  # no sequence with A ≠ 0: no gradient at all
     out["updates_without_signal"] = len(zero_adv)
     out["entropy"] = [round(r["entropy"], 4) for r in result["rows"]]
@@ -89,11 +100,14 @@ def analyse(result: dict[str, Any], loss: str, n: int) -> dict[str, Any]:
     return out
 
 
-def markdown(summaries: list[dict], command: str) -> str:
-    lines = ["# Investigation: per-update probe of the repeat-task staleness runs", "",
+def markdown(summaries: list[dict], command: str, task: str = "repeat") -> str:
+    settings = ("Settings of results/staleness.md (16 prompts × 4 samples per step, micro-batch 4, 6-token responses, "
+                "lr 1e-3, 30 steps, seed 0)." if task == "repeat" else
+                "Settings of results/length_staleness.md (reverse task, mini-batch 2 prompts × 4 samples, 64 updates, "
+                "lr 3e-4, sync).")
+    lines = [f"# Investigation: per-update probe of the {task}-task staleness runs", "",
              f"Command: `{command}`", "",
-             "Settings of results/staleness.md (16 prompts × 4 samples per step, micro-batch 4, 6-token responses, lr "
-             "1e-3, 30 steps, seed 0). Weight = φ (vespo, the hand kernel) or the mean per-token weight the loss "
+             settings + " Weight = φ (vespo, the hand kernel) or the mean per-token weight the loss "
              "applied (grpo: ratio or 0 when clipped; gspo: sequence ratio or 0). dead = φ < 1e-3 (vespo) or every "
              "token's weight 0 (grpo, gspo). Only sequences with A ≠ 0.", ""]
     for s in summaries:
@@ -103,19 +117,23 @@ def markdown(summaries: list[dict], command: str) -> str:
             lines.append(f"- kernel check: max |w_t − φ_i| = {s['check_err_max']:.2e}")
         lines.append(f"- max |logW| in the first mini-batch of a step: {s['first_minibatch_abs_log_w_max']:.2e}")
         if "corr_phi_delta" in s:
-            lines.append(f"- one sequence per update: corr(φ, ‖Δθ‖) = {s['corr_phi_delta']:+.3f}")
+            lines.append(f"- corr(mean φ of the update, ‖Δθ‖) = {s['corr_phi_delta']:+.3f}")
+        if "phi_by_sign" in s:
+            lines.append(f"- mean φ of sequences with A > 0: {s['phi_by_sign']['pos']:.3f}; A < 0: "
+                         f"{s['phi_by_sign']['neg']:.3f}")
         lines += ["", "| k | seqs | mean logW | p10 logW | mean weight | dead share | grad norm | ‖Δθ‖ |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['k']} | {r['seqs']} | {r['log_w_mean']:.3f} | {r['log_w_p10']:.3f} | {r['weight_mean']:.3f} | "
                   f"{r['dead_share']:.2f} | {r['grad_norm']:.3f} | {r['delta_norm']:.4f} |" for r in s["by_k"]]
         if "by_phi" in s:
-            lines += ["", "| φ of the update's sequence | updates | mean ‖Δθ‖ | mean grad norm |", "|---|---|---|---|"]
+            lines += ["", "| mean φ of the update | updates | mean ‖Δθ‖ | mean grad norm |", "|---|---|---|---|"]
             lines += [f"| {r['phi']} | {r['updates']} | {r['delta_norm']:.4f} | {r['grad_norm']:.4f} |"
                       for r in s["by_phi"]]
         ent = s["entropy"]
-        lines += ["", f"- entropy, steps 0/5/10/20/29: " + " / ".join(f"{ent[i]:.3f}" for i in (0, 5, 10, 20, 29)
-                                                                       if i < len(ent)),
-                  f"- reward, mean of steps 0–4 → 25–29: {np.mean(s['reward'][:5]):.3f} → "
+        ent, last = s["entropy"], len(s["entropy"]) - 1
+        at = sorted({0, last // 4, last // 2, 3 * last // 4, last})
+        lines += ["", f"- entropy at steps {'/'.join(map(str, at))}: " + " / ".join(f"{ent[i]:.3f}" for i in at),
+                  f"- reward, mean of the first → last 5 steps: {np.mean(s['reward'][:5]):.3f} → "
                   f"{np.mean(s['reward'][-5:]):.3f}", ""]
     return "\n".join(lines) + "\n"
 
@@ -142,14 +160,17 @@ def figure(summaries: list[dict]):
 def main() -> int:
     args = parse_args()
     keys = [(loss, n) for n in sorted(args.n, reverse=True) for loss in args.losses]
-    runs = {f"{loss}-N{n}-seed{args.seed}": spec(loss, n, args.seed) for loss, n in keys}
-    results = run_many(runs, args.workdir, args.jobs, script=HERE / "lengthruns.py", prepare=prepare)
-    summaries = [analyse(results[f"{loss}-N{n}-seed{args.seed}"], loss, n) for loss, n in keys
-                 if f"{loss}-N{n}-seed{args.seed}" in results]
+    tag = "" if args.task == "repeat" else "-reverse-probe"
+    name = {key: f"{key[0]}-N{key[1]}{tag}-seed{args.seed}" for key in keys}
+    runs = {name[key]: spec(*key, args.seed, args.task) for key in keys}
+    workdir = args.workdir or Path("/tmp/vespo-experiments") / ("investigate" if args.task == "repeat" else "reverse")
+    results = run_many(runs, workdir, args.jobs, script=HERE / "lengthruns.py", prepare=prepare)
+    summaries = [analyse(results[name[key]], *key) for key in keys if name[key] in results]
     command = command_line()
-    text = markdown(summaries, command)
+    text = markdown(summaries, command, args.task)
     print(text)
-    save_results(args.out, "investigation", {"command": command, "summaries": summaries}, text, figure(summaries))
+    stem = "investigation" if args.task == "repeat" else "investigation_reverse"
+    save_results(args.out, stem, {"command": command, "summaries": summaries}, text, figure(summaries))
     return 0 if len(results) == len(runs) else 1
 
 

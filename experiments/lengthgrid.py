@@ -34,7 +34,7 @@ EVAL = "eval/heldout/"
 START_SAMPLES = 8  # samples per held-out prompt for the start model's reward
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--losses", nargs="+", default=["vespo", "grpo", "gspo", "sapo", "vespo-lin", "vespo-sqrt"])
     p.add_argument("--n", type=int, nargs="+", default=[4, 16, 64], help="mini-batches per step (staleness N)")
@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="length_staleness")
     p.add_argument("--report-only", action="store_true", help="tables from the cached runs only; train nothing")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def spec(args: argparse.Namespace, loss: str, n: int, mode: str, seed: int) -> dict[str, Any]:
