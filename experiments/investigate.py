@@ -90,6 +90,14 @@ def analyse(result: dict[str, Any], loss: str, n: int) -> dict[str, Any]:
                          if len(sel)]
         if len(pairs) > 1:
             out["corr_phi_delta"] = float(np.corrcoef([p[0] for p in pairs], [p[1] for p in pairs])[0, 1])
+        seqs = np.array([(f, a, t) for u in updates for f, a, t in zip(u["phi"], u["adv"], u["T"])]).reshape(-1, 3)
+        lengths = seqs[:, 2] if len(seqs) else np.zeros(1)
+        edges = np.percentile(lengths, [0, 100 / 3, 200 / 3, 100])
+        out["phi_by_length"] = [
+            {"T": f"{lo:.0f}–{hi:.0f}", "seqs": int(len(sel)),
+             **{key: float(np.mean(sel[test(sel[:, 1]), 0])) if test(sel[:, 1]).any() else None
+                for key, test in (("pos", lambda a: a > 0), ("neg", lambda a: a < 0))}}
+            for lo, hi in zip(edges[:-1], edges[1:]) for sel in [seqs[(seqs[:, 2] >= lo) & (seqs[:, 2] <= hi)]]]
         signs = {"pos": lambda a: a > 0, "neg": lambda a: a < 0}
         out["phi_by_sign"] = {key: float(np.mean([f for u in updates for f, a in zip(u["phi"], u["adv"]) if test(a)]
                                                  or [0.0])) for key, test in signs.items()}
@@ -130,12 +138,19 @@ def markdown(summaries: list[dict], command: str, task: str = "repeat") -> str:
             lines += [f"| {r['phi']} | {r['updates']} | {r['delta_norm']:.4f} | {r['grad_norm']:.4f} |"
                       for r in s["by_phi"]]
         ent = s["entropy"]
+        if s.get("phi_by_length"):
+            lines += ["", "| response tokens T | seqs | mean φ, A > 0 | mean φ, A < 0 |", "|---|---|---|---|"]
+            lines += [f"| {r['T']} | {r['seqs']} | {_fmt(r['pos'])} | {_fmt(r['neg'])} |" for r in s["phi_by_length"]]
         ent, last = s["entropy"], len(s["entropy"]) - 1
         at = sorted({0, last // 4, last // 2, 3 * last // 4, last})
         lines += ["", f"- entropy at steps {'/'.join(map(str, at))}: " + " / ".join(f"{ent[i]:.3f}" for i in at),
                   f"- reward, mean of the first → last 5 steps: {np.mean(s['reward'][:5]):.3f} → "
                   f"{np.mean(s['reward'][-5:]):.3f}", ""]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def figure(summaries: list[dict]):

@@ -156,7 +156,9 @@ def markdown(records: list[dict], args: argparse.Namespace, command: str, start:
     return "\n".join(lines) + "\n"
 
 
-def figure(records: list[dict], args: argparse.Namespace):
+def figure(records: list[dict], args: argparse.Namespace, start: dict[str, float]):
+    """Per mode: final reward vs N and final response length vs N (mean ± std over seeds, the start model dashed),
+    and the seed-mean train reward per step at the smallest N."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,28 +167,32 @@ def figure(records: list[dict], args: argparse.Namespace):
 
     fig, axes = plt.subplots(len(args.modes), 3, figsize=(17, 4.8 * len(args.modes)), squeeze=False)
     for row, mode in enumerate(args.modes):
-        ax = axes[row][0]
-        for loss in args.losses:
-            pts = [(i, [r["final_reward"] for r in records if (r["loss"], r["n"], r["mode"]) == (loss, n, mode)])
-                   for i, n in enumerate(args.n)]
-            pts = [(i, v) for i, v in pts if v]
-            if pts:
-                ax.errorbar([i for i, _ in pts], [np.mean(v) for _, v in pts],
-                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts], marker="o", capsize=3,
-                            label=loss)
-        ax.set(xticks=range(len(args.n)), xticklabels=[str(n) for n in args.n], xlabel="N",
-               ylabel="final held-out reward", title=f"{mode}: final reward vs staleness (mean ± std)")
-        ax.legend(fontsize=8)
-        for col, (key, label) in enumerate((("eval_reward", "held-out reward"), ("eval_len", "response length")), 1):
+        runs = {loss: {n: [r for r in records if (r["loss"], r["n"], r["mode"]) == (loss, n, mode)] for n in args.n}
+                for loss in args.losses}
+        for col, (key, label, ref) in enumerate((("final_reward", "final held-out reward", "mean_reward"),
+                                                 ("length_last", "final response length (tokens)", "response_len"))):
             ax = axes[row][col]
             for i, loss in enumerate(args.losses):
-                n = args.n[-1]
-                runs = [r for r in records if (r["loss"], r["n"], r["mode"]) == (loss, n, mode)]
-                for j, r in enumerate(runs):
-                    ax.plot(r["curves"]["eval_update"], r["curves"][key], color=f"C{i}", alpha=0.7,
-                            label=f"{loss}" if j == 0 else None)
-            ax.set(xlabel="optimizer updates", ylabel=label, title=f"{mode}, N={args.n[-1]}: {label} by seed")
-            ax.legend(fontsize=8)
+                pts = [(j, [r[key] for r in runs[loss][n]]) for j, n in enumerate(args.n) if runs[loss][n]]
+                if pts:
+                    ax.errorbar([j + 0.04 * (i - 2.5) for j, _ in pts], [np.mean(v) for _, v in pts],
+                                yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for _, v in pts], marker="o",
+                                capsize=3, label=loss)
+            ax.axhline(start[ref], color="grey", ls="--", lw=1, label="start model")
+            ax.set(xticks=range(len(args.n)), xticklabels=[str(n) for n in args.n], xlabel="N (mini-batches per step)",
+                   ylabel=label, title=f"{mode}: {label} (mean ± std over seeds)")
+            ax.legend(fontsize=7)
+        ax = axes[row][2]
+        n = args.n[0]
+        for i, loss in enumerate(args.losses):
+            curves = [r["curves"]["reward_mean"] for r in runs[loss][n]]
+            if curves:
+                width = min(map(len, curves))
+                ax.plot([n * (s + 1) for s in range(width)], np.mean([c[:width] for c in curves], axis=0),
+                        color=f"C{i}", label=loss)
+        ax.set(xlabel="optimizer updates", ylabel="rollout batch reward (seed mean)",
+               title=f"{mode}, N={n}: train reward")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -209,7 +215,7 @@ def main() -> int:
     text = markdown(records, args, command, start)
     print(text)
     data = {"command": command, "start_model": start, "records": records}
-    save_results(args.out, args.name, data, text, figure(records, args))
+    save_results(args.out, args.name, data, text, figure(records, args, start))
     return 0 if len(results) == len(runs) else 1
 
 
