@@ -101,7 +101,7 @@ def record(result: dict[str, Any], loss: str, n: int, mode: str, seed: int, star
 
 def _ms(values: list[float], spec_: str = ".3f") -> str:
     mean, std = mean_std(values)
-    return f"{mean:{spec_}} ± {std:{spec_}}" if len(values) > 1 else f"{mean:{spec_}}"
+    return f"{mean:{spec_}} ± {std:{spec_.lstrip('+')}}" if len(values) > 1 else f"{mean:{spec_}}"
 
 
 def markdown(records: list[dict], args: argparse.Namespace, command: str, start: dict[str, float]) -> str:
