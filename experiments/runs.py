@@ -18,7 +18,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 VOCAB = 32
 Rows = list[dict[str, float]]
@@ -50,15 +50,19 @@ def train(checkpoint_root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
             "rows": [{"step": it, **metrics} for it, metrics in history]}
 
 
-def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int) -> dict[str, dict[str, Any]]:
+def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int, script: Path | None = None,
+             prepare: Callable[[dict[str, Any], Path], Any] | None = None) -> dict[str, dict[str, Any]]:
     """Run every {name: overrides} not cached in ``workdir`` (``jobs`` subprocesses at a time); returns all results.
 
-    A cache file counts only if it was made with the same overrides (otherwise the run is redone). A run that fails
-    leaves no cache file; its stderr tail is printed and the others go on. Progress on stdout.
+    Each run is ``python script OVERRIDES_JSON OUT_JSON WORKDIR`` (default: this file, one ``train``);
+    ``prepare(overrides, workdir)`` makes a run's checkpoint before the subprocesses start (they would race to write
+    it; default: the random model of its seed). A cache file counts only if it was made with the same overrides
+    (otherwise the run is redone). A run that fails leaves no cache file; its stderr tail is printed and the others
+    go on. Progress on stdout.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    for seed in sorted({overrides["seed"] for overrides in runs.values()}):
-        make_checkpoint(workdir, seed)  # before the subprocesses, which would race to write it
+    for overrides in runs.values():
+        (prepare or (lambda o, root: make_checkpoint(root, o["seed"])))(overrides, workdir)
     todo = [name for name in runs if _cached(workdir / f"{name}.json", runs[name]) is None]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs cached in {workdir}; running {len(todo)} with {jobs} jobs",
           flush=True)
@@ -66,7 +70,7 @@ def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int) -> dict[
 
     def one(name: str) -> None:
         out = workdir / f"{name}.json"
-        proc = subprocess.run([sys.executable, __file__, json.dumps(runs[name]), str(out), str(workdir)],
+        proc = subprocess.run([sys.executable, str(script or __file__), json.dumps(runs[name]), str(out), str(workdir)],
                               capture_output=True, text=True)
         if proc.returncode:
             print(f"[{time.time() - start:6.0f} s] {name} FAILED:\n{proc.stderr[-3000:]}", flush=True)
@@ -78,6 +82,11 @@ def run_many(runs: dict[str, dict[str, Any]], workdir: Path, jobs: int) -> dict[
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
+    return load_cached(runs, workdir)
+
+
+def load_cached(runs: dict[str, dict[str, Any]], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The results of the runs already cached in ``workdir`` (made with the same overrides); runs nothing."""
     results = {name: _cached(workdir / f"{name}.json", overrides) for name, overrides in runs.items()}
     return {name: result for name, result in results.items() if result is not None}
 

@@ -150,7 +150,7 @@ def test_custom_reward_loading(tmp_path):
     for path, message in cases:
         with pytest.raises(ValueError, match=f"--custom-reward-path: .*{message}"):
             load_custom_reward(path)
-    with pytest.raises(ValueError, match="--reward: unknown reward 'nope'; known: dapo, exact, math, repeat"):
+    with pytest.raises(ValueError, match="--reward: unknown reward 'nope'; known: dapo, exact, math, repeat, reverse"):
         get_reward("nope")
 
 

@@ -1,9 +1,10 @@
-"""The built-in rewards: ``math``, ``dapo``, ``exact`` and ``repeat`` (the synthetic task (rewards/synthetic.py))."""
+"""The built-in rewards: ``math``, ``dapo``, ``exact``, and ``repeat`` / ``reverse`` (the synthetic tasks,
+rewards/synthetic.py)."""
 from __future__ import annotations
 
 from vespo_megatron.rewards.math import dapo_score, math_equal
 from vespo_megatron.rewards.registry import RewardSample, register_reward
-from vespo_megatron.rewards.synthetic import repeat_reward
+from vespo_megatron.rewards.synthetic import repeat_reward, reverse_reward
 
 
 @register_reward("math")
@@ -30,3 +31,9 @@ def repeat_task_reward(sample: RewardSample) -> float:
     (``max_len`` and ``eos``, written by the task's prompt source)."""
     return repeat_reward(sample.prompt_ids, sample.response_ids, max_len=int(sample.metadata["max_len"]),
                          eos=int(sample.metadata["eos"]))
+
+
+@register_reward("reverse")
+def reverse_task_reward(sample: RewardSample) -> float:
+    """The synthetic ReverseTask's exact reward on token ids; the stop token travels in the metadata (``eos``)."""
+    return reverse_reward(sample.prompt_ids, sample.response_ids, eos=int(sample.metadata["eos"]))
