@@ -24,6 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from vespo_megatron.megatron.batch import MicroBatch
+from vespo_megatron.megatron.device import local_device
 from vespo_megatron.megatron.loss import LossSettings, logprob_only, policy_loss
 
 
@@ -137,6 +138,26 @@ def old_log_probs(model: torch.nn.Module, micro_batches: Sequence[MicroBatch],
     if not parallel_state.is_pipeline_last_stage():
         return [None] * len(micro_batches)
     return [item["log_prob"] for item in out]
+
+
+def logprob_mismatch(micro_batches: Sequence[MicroBatch]) -> dict[str, float]:
+    """Train-inference mismatch of a step: over the response tokens that have both log-probs (all ranks),
+    ``mismatch/logp_diff`` = mean(logπ_old − logμ) and ``mismatch/logp_abs_diff`` = mean|logπ_old − logμ|, with
+    π_old [t] the trainer's recomputed log-probs and μ [t] the rollout engine's. A collective over every rank; ranks
+    other than the last stage's TP rank 0 contribute nothing (their slots are copies or hold no log-probs)."""
+    sums = torch.zeros(3, dtype=torch.float64, device=local_device())
+    owner = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+    for mb in micro_batches if owner else ():
+        if mb.old_log_prob is None or mb.rollout_log_prob is None:
+            continue
+        keep = mb.loss_mask.bool() & mb.rollout_valid.bool()
+        diff = (mb.old_log_prob.detach() - mb.rollout_log_prob.to(mb.old_log_prob.dtype))[keep].to(torch.float64)
+        sums += torch.stack([diff.sum(), diff.abs().sum(), diff.new_tensor(float(diff.numel()))])
+    torch.distributed.all_reduce(sums)
+    tokens = float(sums[2])
+    if tokens == 0:
+        return {}
+    return {"mismatch/logp_diff": float(sums[0]) / tokens, "mismatch/logp_abs_diff": float(sums[1]) / tokens}
 
 
 def zero_grads(model: torch.nn.Module) -> None:

@@ -87,6 +87,7 @@ class TrainConfig:
     train_iters: int = 10
     seed: int = 1234
     async_rollout: bool = False
+    use_rollout_logprobs: bool = False  # μ = the engine's log-probs in synchronous mode too (no π_old pass)
     max_lag: int = 1
     save: Optional[str] = None
     load: Optional[str] = None

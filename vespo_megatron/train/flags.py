@@ -91,6 +91,9 @@ HELP: dict[str, str] = {
     "train_iters": "RL steps to run (each takes N optimizer steps)",
     "seed": "random seed",
     "async_rollout": "fully asynchronous rollouts (μ = the engine's log-probs)",
+    "use_rollout_logprobs": "use the engine's log-probs as the behaviour policy μ (π_old) instead of recomputing "
+                            "them (always so with --async-rollout); VESPO's W = π/μ then also corrects the "
+                            "train-inference mismatch",
     "max_lag": "largest policy lag of an asynchronous rollout",
     "save": "checkpoint directory to save to",
     "load": "checkpoint directory to resume from",

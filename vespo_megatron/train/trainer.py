@@ -37,7 +37,8 @@ from vespo_megatron.megatron.loss import REGULARIZER_METRICS, LossSettings
 from vespo_megatron.megatron.model import build_model, moe_layer_pattern
 from vespo_megatron.megatron.parallel import init_parallel, ranks
 from vespo_megatron.megatron.schedule import current_lr, lr_scheduler
-from vespo_megatron.megatron.step import build_optimizer, forward_backward, old_log_probs, wrap_ddp, zero_grads
+from vespo_megatron.megatron.step import (build_optimizer, forward_backward, logprob_mismatch, old_log_probs,
+                                          wrap_ddp, zero_grads)
 from vespo_megatron.megatron.weights import iter_global, load_global
 from vespo_megatron.objectives.advantages import compute_advantages
 from vespo_megatron.objectives.config import PolicyLossConfig
@@ -103,7 +104,7 @@ class Trainer:
                                          adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
-                                     exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout,
+                                     exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout or cfg.use_rollout_logprobs,
                                      honour_agg_mode=cfg.honour_agg_mode, temperature=cfg.temperature,
                                      hparams=PolicyLossConfig.from_hparams(**cfg.hparams), kl_coef=cfg.kl_coef,
                                      kl_loss_type=cfg.kl_loss_type, entropy_coef=cfg.entropy_coef)
@@ -189,11 +190,13 @@ class Trainer:
             with timer.stage("pack"):
                 minis = self._mini_batches(self.delivery.scatter(self._shares(batch) if self.rank == 0 else None))
             flat = [mb for mbs in minis for mb in mbs]
+            mismatch: dict[str, float] = {}
             if not self.settings.old_from_rollout or cfg.routing_replay == "r2":
                 with timer.stage("old_logp"), self._phase("old_logprob", flat):
                     olds = old_log_probs(self.ddp, flat, temperature=cfg.temperature)
                 for mb, old in zip(flat, olds):
                     mb.old_log_prob = old
+                mismatch = logprob_mismatch(flat)
             if self.reference is not None:  # log π_ref next to π_old, with the routing of that pass
                 with timer.stage("old_logp"):
                     self.reference.attach(flat, temperature=cfg.temperature)
@@ -207,6 +210,7 @@ class Trainer:
                 self.sync_weights()
         out = self._reduce_metrics(batch, metrics, grad_norms)
         out["lr"] = lr
+        out.update(mismatch)
         if batch is not None:
             out.update(timer.metrics(tokens=sum(len(r.prompt_ids) + len(r.response_ids) for r in batch.records),
                                      samples=len(batch.records)))
