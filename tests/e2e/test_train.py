@@ -1,4 +1,5 @@
-"""The RL loop end to end on the CPU engine: resume reproduces the next step exactly; bad inputs fail at start."""
+"""The RL loop end to end on the CPU engine: resume reproduces the next step exactly; bad inputs fail at start; μ is
+the recomputed π_old or, with --use-rollout-logprobs, the engine's log-probs, and a step reports the mismatch."""
 from __future__ import annotations
 
 import dataclasses
@@ -97,3 +98,33 @@ def test_dynamic_batching_trains_as_fixed_micro_batches(tmp_path):
     for key in ("loss", "grad_norm", "entropy"):
         assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert a["grad_norm"] > 1e-3
+
+
+def _step(hf_dir: str, **kw) -> dict[str, float]:
+    """One VESPO step with N = 1 mini-batch against the bf16 engine: the update runs at the weights the rollouts came
+    from, so with μ = the recomputed π_old every logW is exactly 0, and with μ = the engine's log-probs (
+    --use-rollout-logprobs) logW is the engine-trainer mismatch itself."""
+    step = dict(num_mini_batches=1, micro_batch_size=4, max_new_tokens=6, train_iters=1, engine_dtype="bf16",
+                routing_replay="off", loss="vespo")
+    return run_training(_cfg(hf_dir, **{**step, **kw}), quiet=True)[0][1]
+
+
+def test_recomputed_old_log_probs_give_log_w_zero_and_report_the_mismatch(hf_dir):
+    bf16 = _step(hf_dir)
+    assert bf16["vespo/log_w_seq_mean"] == 0.0 and bf16["vespo/log_w_seq_min"] == 0.0
+    assert bf16["mismatch/logp_abs_diff"] > 1e-3  # a bf16 engine against an fp32 trainer
+    assert abs(bf16["mismatch/logp_diff"]) <= bf16["mismatch/logp_abs_diff"]
+    fp32 = _step(hf_dir, engine_dtype="fp32")
+    assert fp32["mismatch/logp_abs_diff"] < bf16["mismatch/logp_abs_diff"] / 10
+
+
+def test_rollout_log_probs_are_mu(hf_dir):
+    recomputed = _step(hf_dir)
+    rollout = _step(hf_dir, use_rollout_logprobs=True)
+    assert not any(key.startswith("mismatch/") for key in rollout)  # no π_old pass, nothing to compare
+    assert rollout["reward_mean"] == recomputed["reward_mean"]  # the same rollouts
+    # π_θ here = the recomputed run's π_old, so logW_i = Σ_t (logπ_old − logμ) over sequence i's T_i tokens and
+    # |mean_i logW_i| <= mean_i Σ_t |logπ_old − logμ| = mean_i T_i · (token mean of |logπ_old − logμ|)
+    assert rollout["vespo/log_w_seq_mean"] != 0.0
+    bound = recomputed["response_len_mean"] * recomputed["mismatch/logp_abs_diff"]
+    assert abs(rollout["vespo/log_w_seq_mean"]) <= bound * (1 + 1e-6)

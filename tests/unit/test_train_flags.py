@@ -154,3 +154,7 @@ def test_recompute_reaches_the_transformer_config():
     assert not use_te
     assert (config.recompute_granularity, config.recompute_method, config.recompute_num_layers) == ("full", "block", 1)
     assert (config.moe_token_dispatcher_type, config.moe_grouped_gemm) == ("alltoall", False)
+
+
+def test_use_rollout_logprobs_flag():
+    assert parse(f"{RL} --use-rollout-logprobs").use_rollout_logprobs and not parse(RL).use_rollout_logprobs
