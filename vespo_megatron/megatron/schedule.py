@@ -17,7 +17,8 @@ def lr_scheduler(optimizer: Any, *, lr: float, min_lr: float, decay_style: str, 
     """An OptimizerParamScheduler that has taken ``start`` steps; it sets every param group's lr and weight decay.
 
     Args:
-        optimizer: a Megatron optimizer (``get_megatron_optimizer``).
+        optimizer: a Megatron optimizer (``build_optimizer``, whose param groups carry ``max_lr`` = ``lr`` and
+            ``min_lr``: the scheduler reads the bounds from the groups).
         lr, min_lr: peak and final learning rate.
         decay_style: constant, linear, cosine or inverse-square-root.
         warmup_iters, decay_iters: optimizer steps of warm-up and of the whole schedule (warmup < decay).
@@ -26,8 +27,6 @@ def lr_scheduler(optimizer: Any, *, lr: float, min_lr: float, decay_style: str, 
     Returns:
         the scheduler; call ``step(1)`` after each optimizer step.
     """
-    for group in optimizer.param_groups:  # the peak and final lr of every group (no per-group lr multipliers here)
-        group["max_lr"], group["min_lr"] = lr, min_lr
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_iters, lr_decay_steps=decay_iters,
         lr_decay_style=decay_style, start_wd=weight_decay, end_wd=weight_decay, wd_incr_steps=decay_iters,

@@ -65,16 +65,19 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) ->
 
 
 def build_optimizer(ddp: DistributedDataParallel, *, lr: float, weight_decay: float, adam_beta1: float,
-                    adam_beta2: float, clip_grad: float) -> Any:
+                    adam_beta2: float, clip_grad: float, min_lr: float = 0.0) -> Any:
     """Megatron's Adam (``get_megatron_optimizer``) over the DDP model's parameters.
 
     Precision and sharding follow the model and ``wrap_ddp``: a bf16 model gets fp32 main params (Megatron's mixed
     precision optimizer), the distributed optimizer is used when the DDP buffers were laid out for it. Main params
     are fp32 (the model's own params for an fp32 or fp64 model, fp64 being the exactness tests' precision).
+    ``lr`` and ``min_lr`` become every param group's ``max_lr``/``min_lr`` (the learning-rate schedule's bounds); they
+    are part of the key a checkpoint's param groups are matched by (megatron-core >= 0.17), so they are set here, before
+    any ``--load``, and not later by the scheduler.
     """
     model_config = ddp.config
     config = megatron_optimizer.OptimizerConfig(
-        optimizer="adam", lr=lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1, adam_beta2=adam_beta2,
         clip_grad=clip_grad, params_dtype=model_config.params_dtype, bf16=model_config.bf16,
         use_distributed_optimizer=ddp.ddp_config.use_distributed_optimizer)
     return megatron_optimizer.get_megatron_optimizer(config, [ddp])

@@ -100,7 +100,7 @@ class Trainer:
         self.reference = (Reference.build(self.hf, self.model, ref_load=cfg.ref_load, routing_replay=cfg.routing_replay,
                                           model_options=cfg.model_options()) if cfg.kl_coef else None)
         self.ddp = wrap_ddp(self.model, use_distributed_optimizer=cfg.use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.ddp, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        self.optimizer = build_optimizer(self.ddp, lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                          adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
