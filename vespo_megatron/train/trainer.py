@@ -104,7 +104,8 @@ class Trainer:
                                          adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, clip_grad=cfg.clip_grad)
         self.replay = RoutingReplay(self.model, cfg.routing_replay) if cfg.routing_replay != "off" else None
         self.settings = LossSettings(name=cfg.loss, agg_mode=cfg.loss_agg_mode,
-                                     exact_global=not cfg.official_aggregation, old_from_rollout=cfg.async_rollout or cfg.use_rollout_logprobs,
+                                     exact_global=not cfg.official_aggregation,
+                                     old_from_rollout=cfg.async_rollout or cfg.use_rollout_logprobs,
                                      honour_agg_mode=cfg.honour_agg_mode, temperature=cfg.temperature,
                                      hparams=PolicyLossConfig.from_hparams(**cfg.hparams), kl_coef=cfg.kl_coef,
                                      kl_loss_type=cfg.kl_loss_type, entropy_coef=cfg.entropy_coef)
